@@ -1,0 +1,55 @@
+"""The ``cellseg`` command line, and the error boundary shared by the DVC stage scripts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cellseg.errors import CellsegError
+
+log = logging.getLogger("cellseg")
+
+
+def guarded(main: Callable[[], None]) -> int:
+    """Run ``main`` with logging set up; print a :class:`CellsegError` as one line and return 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except CellsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from cellseg.sources.synthetic import synthesize
+
+    synthesize(args.out, n_images=args.images, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``cellseg`` subcommand."""
+    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write a synthetic data set in the Kaggle format (train.csv + train/)")
+    synth.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically)")
+    synth.add_argument("--images", type=int, default=24, help="number of images (606 ≈ the real data's scale)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed → same bytes")
+    synth.set_defaults(run=_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cellseg`` console script."""
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Typed, validated parameters: one pydantic model per ``params.yaml`` section.
+
+A wrong value fails before any work, with the parameter's dotted name in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cellseg.errors import ParamsError
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys and type coercions are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(Section):
+    """``data``: where the raw data comes from."""
+
+    source: Literal["synthetic", "kaggle"] = "synthetic"
+    root: str = "data/raw/synthetic"
+    limit_images: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+class SynthParams(Section):
+    """``synth``: the embedded synthetic data set (used when ``data.source`` is ``synthetic``)."""
+
+    images: int = Field(default=24, ge=1, le=100_000)
+    seed: int = 0
+
+
+class SplitParams(Section):
+    """``split``: K-fold split stratified by cell type, grouped by sample."""
+
+    n_folds: int = Field(default=5, ge=2)
+    fold: int = Field(default=0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> SplitParams:
+        if self.fold >= self.n_folds:
+            raise ValueError(f"fold {self.fold} is out of range for n_folds {self.n_folds} (0..{self.n_folds - 1})")
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataParams,
+    "synth": SynthParams,
+    "split": SplitParams,
+}
+
+S = TypeVar("S", bound=Section)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    """Read the raw params file; a missing or malformed file raises :class:`ParamsError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file is missing") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def section(raw: dict, name: str, model: type[S] | None = None, *, path: str | Path = "params.yaml") -> S:
+    """Validate the section ``name`` of ``raw`` params; errors name ``section.key`` and the bad value."""
+    model = model or SECTIONS[name]
+    values = raw.get(name) or {}
+    if not isinstance(values, dict):
+        raise ParamsError(f"{path}: {name}: expected a mapping, got {type(values).__name__}")
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join([name, *map(str, error["loc"])]) if error["loc"] else name
+        given = f" (got {error['input']!r})" if error["type"] != "missing" and error["loc"] else ""
+        raise ParamsError(f"{path}: {key}: {error['msg']}{given}") from None
+
+
+def load(name: str, path: str | Path = "params.yaml") -> Section:
+    """Read ``path`` and return its validated section ``name``."""
+    return section(read_params(path), name, path=path)

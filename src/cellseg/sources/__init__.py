@@ -1,0 +1,69 @@
+"""Data sources: each reads its own format into one common :class:`SourceData` form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellseg.errors import ParamsError
+
+CELL_TYPES: tuple[str, ...] = ("shsy5y", "astro", "cort")
+
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "file_name",
+    "width",
+    "height",
+    "cell_type",
+    "sample_id",
+    "plate_time",
+    "sample_date",
+    "elapsed_timedelta",
+    "row",
+)
+ANNOTATION_COLUMNS: tuple[str, ...] = ("image_id", "row", "annotation")
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """A data set in the common form every source produces.
+
+    ``images`` has one row per image (:data:`IMAGE_COLUMNS`; ``file_name`` is relative to ``root``;
+    ``row`` is where the image is first named in ``annotation_file``).
+    ``annotations`` has one row per cell (:data:`ANNOTATION_COLUMNS`): its competition RLE string and
+    ``row``, the line of ``annotation_file`` it came from, so that errors can point at it.
+    """
+
+    root: Path
+    annotation_file: Path
+    images: pd.DataFrame
+    annotations: pd.DataFrame
+
+
+def subset(data: SourceData, limit: int | None, seed: int) -> SourceData:
+    """Keep ``limit`` images, stratified by cell type (proportional, deterministic per ``seed``)."""
+    if limit is None or limit >= len(data.images):
+        return data
+    rng = np.random.default_rng(seed)
+    images = data.images.iloc[rng.permutation(len(data.images))].copy()
+    rank = images.groupby("cell_type", sort=False).cumcount()
+    share = images.groupby("cell_type", sort=False)["image_id"].transform("size")
+    # Interleave the types in proportion to their counts, so that any prefix is stratified.
+    images["_order"] = (rank + 0.5) / share
+    chosen = images.sort_values(["_order", "cell_type"], kind="stable").head(limit)["image_id"]
+    keep = data.images[data.images["image_id"].isin(chosen)].reset_index(drop=True)
+    annotations = data.annotations[data.annotations["image_id"].isin(chosen)].reset_index(drop=True)
+    return SourceData(data.root, data.annotation_file, keep, annotations)
+
+
+def load_source(source: str, root: str | Path, *, limit_images: int | None = None, seed: int = 0) -> SourceData:
+    """Read the data set at ``root`` in the format named by ``source`` and take the subset asked for."""
+    from cellseg.sources.kaggle import read_kaggle
+
+    readers = {"kaggle": read_kaggle, "synthetic": read_kaggle}
+    if source not in readers:
+        raise ParamsError(f"data.source: unknown source {source!r}; expected one of {', '.join(readers)}")
+    return subset(readers[source](root), limit_images, seed)

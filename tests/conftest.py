@@ -1,0 +1,72 @@
+"""Shared fixtures: the real Sartorius samples and a tiny hand-made Kaggle-format directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cellseg import rle
+from cellseg.sources.kaggle import CSV_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    """``../shared/real``: one real image and its 395 annotations (skipped when absent)."""
+    if not (REAL / "train.csv").is_file():
+        pytest.skip(f"real Sartorius samples not found at {REAL}")
+    return REAL
+
+
+def tiny_masks(cell_type: str, shape: tuple[int, int], seed: int) -> list[np.ndarray]:
+    """A few rectangular cells, two of them overlapping by a few pixels."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for k in range(3):
+        mask = np.zeros(shape, dtype=bool)
+        y, x = 4 + 8 * k, int(rng.integers(2, shape[1] - 14))
+        mask[y : y + 6 + k, x : x + 10] = True
+        masks.append(mask)
+    masks[1][masks[0].any(axis=1)] = False  # no overlap between 0 and 1 ...
+    masks[2][10:14, masks[1].any(axis=0)] = True  # ... but 2 reaches into 1
+    return masks
+
+
+@pytest.fixture
+def make_kaggle(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: write a Kaggle-format directory of small images (2 per cell type, 3 samples per type)."""
+
+    def make(name: str = "kaggle", images_per_type: int = 2, shape: tuple[int, int] = (40, 48)) -> Path:
+        root = tmp_path / name
+        (root / "train").mkdir(parents=True)
+        rows = []
+        for t, cell_type in enumerate(("shsy5y", "astro", "cort")):
+            for i in range(images_per_type):
+                image_id = f"{cell_type[:2]}{t}{i:09x}"
+                pixels = np.random.default_rng(10 * t + i).integers(60, 200, size=shape, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "train" / f"{image_id}.png")
+                for mask in tiny_masks(cell_type, shape, 10 * t + i):
+                    rows.append(
+                        {
+                            "id": image_id,
+                            "annotation": rle.encode(mask),
+                            "width": shape[1],
+                            "height": shape[0],
+                            "cell_type": cell_type,
+                            "plate_time": f"{10 + i}h00m00s",
+                            "sample_date": "2020-01-01",
+                            "sample_id": f"{cell_type}_A{i % 3}-1_Vessel-1_Ph_1",
+                            "elapsed_timedelta": f"0 days {10 + i}:00:00",
+                        }
+                    )
+        pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(root / "train.csv", index=False)
+        return root
+
+    return make
