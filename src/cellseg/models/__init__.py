@@ -1,0 +1,1 @@
+"""Segmentation models: the U-Net (segmentation_models_pytorch) and its inference helper."""

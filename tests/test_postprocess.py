@@ -1,0 +1,116 @@
+"""Post-processing: U-Net watershed instances and Mask R-CNN overlap removal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.segmentation import find_boundaries
+
+from cellseg.errors import ParamsError
+from cellseg.postprocess import remove_overlaps, watershed_instances
+
+SHAPE = (64, 96)
+
+
+def disc(centre: tuple[int, int], radius: float, shape: tuple[int, int] = SHAPE) -> np.ndarray:
+    rows, cols = np.indices(shape)
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def probs_from_labels(labels: np.ndarray) -> np.ndarray:
+    """Confident (3, H, W) probabilities: boundary on each instance's inner border, interior inside."""
+    boundary = find_boundaries(labels, mode="inner") & (labels > 0)
+    onehot = np.stack([labels == 0, (labels > 0) & ~boundary, boundary]).astype(np.float32)
+    return 0.9 * onehot + 0.1 / 3
+
+
+def two_touching_discs() -> np.ndarray:
+    """Discs of radius 15 whose centres are 28 px apart: they share a border."""
+    left, right = disc((32, 30), 15), disc((32, 58), 15)
+    labels = np.zeros(SHAPE, dtype=np.int32)
+    labels[left] = 1
+    labels[right & ~left] = 2
+    return labels
+
+
+@pytest.mark.parametrize("min_distance", [0, 2])
+def test_two_touching_discs_give_two_instances(min_distance: int) -> None:
+    truth = two_touching_discs()
+    labels = watershed_instances(probs_from_labels(truth), min_distance=min_distance)
+    assert labels.dtype == np.uint16 and labels.shape == SHAPE
+    assert set(np.unique(labels)) == {0, 1, 2}
+    for k in (1, 2):
+        inst = labels == k
+        assert 0.9 < inst.sum() / (np.pi * 15**2) < 1.1
+        overlap = np.bincount(truth[inst], minlength=3)
+        assert overlap.max() > 0.95 * inst.sum()  # each instance lies in one disc
+
+
+def test_min_size_per_cell_type_drops_small_blob() -> None:
+    truth = np.zeros(SHAPE, dtype=np.int32)
+    truth[disc((20, 20), 10)] = 1  # ~314 px
+    truth[disc((45, 70), 4)] = 2  # ~50 px
+    probs = probs_from_labels(truth)
+    sizes = {"shsy5y": 30, "astro": 150, "default": 400}
+    assert watershed_instances(probs, cell_type="shsy5y", min_size=sizes).max() == 2
+    kept = watershed_instances(probs, cell_type="astro", min_size=sizes)
+    assert kept.max() == 1 and kept[20, 20] == 1 and kept[45, 70] == 0
+    assert watershed_instances(probs, cell_type="cort", min_size=sizes).max() == 0  # falls back to default
+    assert watershed_instances(probs, min_size=60).max() == 1
+
+
+def test_min_size_without_entry_names_the_param() -> None:
+    with pytest.raises(ParamsError, match="unet.min_size"):
+        watershed_instances(probs_from_labels(two_touching_discs()), cell_type="cort", min_size={"astro": 5})
+
+
+def test_empty_probabilities_give_no_instances() -> None:
+    probs = np.zeros((3, *SHAPE), dtype=np.float32)
+    probs[0] = 1
+    labels = watershed_instances(probs)
+    assert labels.dtype == np.uint16 and not labels.any()
+
+
+def squares() -> np.ndarray:
+    """Three masks: 0 and 1 overlap on a 5x10 strip; 2 lies almost inside 1."""
+    masks = np.zeros((3, 30, 30), dtype=bool)
+    masks[0, 0:10, 0:10] = True
+    masks[1, 5:15, 0:10] = True
+    masks[2, 8:15, 2:4] = True
+    masks[2, 20, 20] = True  # 2 keeps one pixel of its own after losing the rest to 1
+    return masks
+
+
+def test_remove_overlaps_gives_overlap_to_higher_score() -> None:
+    masks = squares()
+    labels, kept = remove_overlaps(masks, np.array([0.5, 0.9, 0.3]), min_size=3)
+    assert labels.dtype == np.uint16
+    np.testing.assert_array_equal(kept, [0, 1])
+    assert (labels[5:10, 0:10] == 2).all()  # the overlap goes to mask 1 (score 0.9), label 2
+    assert (labels == 1).sum() == 50 and (labels == 2).sum() == 100
+    assert labels[20, 20] == 0  # mask 2 left with one pixel: dropped
+
+
+def test_remove_overlaps_labels_follow_kept_indices() -> None:
+    masks = squares()
+    labels, kept = remove_overlaps(masks, np.array([0.9, 0.5, 0.3]))
+    np.testing.assert_array_equal(kept, [0, 1, 2])
+    for label, index in enumerate(kept, start=1):
+        assert (labels == label).sum() > 0
+        assert not (labels == label)[~masks[index]].any()  # every pixel of label k+1 is in mask kept[k]
+    assert (labels[5:10, 0:10] == 1).all()  # now mask 0 wins the overlap
+    assert ((labels > 0) == masks.any(axis=0)).all()  # nothing is dropped at min_size 0
+
+
+def test_remove_overlaps_drops_fully_covered_mask() -> None:
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 1:7, 1:7] = True
+    masks[1, 2:4, 2:4] = True
+    labels, kept = remove_overlaps(masks, np.array([0.8, 0.2]))
+    np.testing.assert_array_equal(kept, [0])
+    assert labels.max() == 1 and (labels == 1).sum() == 36
+
+
+def test_remove_overlaps_no_masks() -> None:
+    labels, kept = remove_overlaps(np.zeros((0, 5, 6), dtype=bool), np.zeros(0))
+    assert labels.shape == (5, 6) and labels.dtype == np.uint16 and not labels.any() and kept.size == 0

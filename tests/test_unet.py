@@ -1,0 +1,107 @@
+"""U-Net construction: random, local-file and (offline) ImageNet encoder weights, and prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+from cellseg.errors import ParamsError, ResourceError
+from cellseg.models.unet import build_unet, unet_predict
+
+ENCODER = "resnet18"  # small and quick to build on CPU
+
+
+def perturbed(state: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with one tensor filled with a recognisable value."""
+    state = {k: v.clone() for k, v in state.items()}
+    state[key].fill_(0.125)
+    return state
+
+
+@pytest.mark.parametrize("in_channels", [3, 1])
+def test_random_init_output_shape(in_channels: int) -> None:
+    model = build_unet(encoder=ENCODER, in_channels=in_channels, classes=3)
+    probs = unet_predict(model, torch.rand(2, in_channels, 64, 64))
+    assert probs.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, 64, 64))
+    assert model.training  # unet_predict restores the mode it found
+
+
+def test_default_encoder_builds() -> None:
+    assert unet_predict(build_unet(), torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_encoder_state_dict_file_loads(tmp_path: Path) -> None:
+    state = perturbed(build_unet(encoder=ENCODER).encoder.state_dict(), "conv1.weight")
+    torch.save(state, tmp_path / "encoder.pt")
+    model = build_unet(encoder=ENCODER, weights=str(tmp_path / "encoder.pt"))
+    assert torch.equal(model.encoder.conv1.weight, state["conv1.weight"])
+
+
+def test_three_channel_encoder_file_adapts_to_one_channel(tmp_path: Path) -> None:
+    state = perturbed(build_unet(encoder=ENCODER).encoder.state_dict(), "conv1.weight")
+    torch.save(state, tmp_path / "encoder.pt")
+    model = build_unet(encoder=ENCODER, weights=str(tmp_path / "encoder.pt"), in_channels=1)
+    assert torch.equal(model.encoder.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
+    assert unet_predict(model, torch.rand(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_full_model_file_loads(tmp_path: Path, wrap: str | None) -> None:
+    key = "segmentation_head.0.bias"
+    state = perturbed(build_unet(encoder=ENCODER, in_channels=1).state_dict(), key)
+    torch.save(state if wrap is None else {wrap: state, "epoch": 3}, tmp_path / "model.pt")
+    model = build_unet(encoder=ENCODER, weights=str(tmp_path / "model.pt"), in_channels=1)
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_missing_file_names_the_param(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="unet.encoder_weights"):
+        build_unet(encoder=ENCODER, weights=str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("content", [b"\x00\x13garbage bytes \xff" * 20, b""])
+def test_garbage_file_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    with pytest.raises(ParamsError, match="garbage.pt"):
+        build_unet(encoder=ENCODER, weights=str(path))
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path: Path) -> None:
+    torch.save(build_unet(encoder=ENCODER).state_dict(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ParamsError, match="cut.pt"):
+        build_unet(encoder=ENCODER, weights=str(tmp_path / "cut.pt"))
+
+
+def test_other_architecture_is_refused(tmp_path: Path) -> None:
+    torch.save(build_unet(encoder="efficientnet-b0").state_dict(), tmp_path / "effnet.pt")
+    with pytest.raises(ParamsError, match=r"unet.encoder_weights.*missing keys.*unexpected keys"):
+        build_unet(encoder=ENCODER, weights=str(tmp_path / "effnet.pt"))
+
+
+def test_shape_mismatch_is_refused(tmp_path: Path) -> None:
+    torch.save(build_unet(encoder=ENCODER, classes=2).state_dict(), tmp_path / "two_classes.pt")
+    with pytest.raises(ParamsError, match="size mismatch"):
+        build_unet(encoder=ENCODER, weights=str(tmp_path / "two_classes.pt"), classes=3)
+
+
+def test_unknown_encoder_names_the_param() -> None:
+    with pytest.raises(ParamsError, match="unet.encoder"):
+        build_unet(encoder="no-such-encoder")
+
+
+def test_imagenet_offline_raises_resource_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Offline mode fails as a dead network does, without the hub client's retries (~30 s).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    try:
+        build_unet(encoder=ENCODER, weights="imagenet")
+    except ResourceError as exc:
+        assert "ImageNet" in str(exc) and "unet.encoder_weights: none" in str(exc)
+    else:
+        pytest.skip("ImageNet weights are in the local cache: nothing failed to download")
