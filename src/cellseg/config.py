@@ -50,10 +50,72 @@ class SplitParams(Section):
         return self
 
 
+class PatchParams(Section):
+    """``patches``: one training window per annotated cell of the training split."""
+
+    size: int = Field(default=256, ge=32, multiple_of=32)
+    jitter: float = Field(default=0.5, ge=0.0, le=1.0)
+    per_cell: int = Field(default=1, ge=1)
+    background_fraction: float = Field(default=0.05, ge=0.0)
+    seed: int = 0
+
+
+class UNetParams(Section):
+    """``unet``: the U-Net, its targets, loss, augmentations and watershed post-processing."""
+
+    encoder: str = "efficientnet-b0"
+    encoder_weights: str = "none"  # imagenet | none | <path to a local weights file>
+    channels: Literal[1, 3] = 3
+    loss: Literal["ce", "ce_dice"] = "ce_dice"
+    boundary_width: int = Field(default=1, ge=1, le=5)
+    augment: list[str] = Field(default_factory=lambda: ["hflip", "vflip", "rotate90", "brightness_contrast"])
+    mean: float = Field(default=0.5, ge=0.0, le=1.0)
+    std: float = Field(default=0.25, gt=0.0)
+    marker_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_size: dict[str, int] = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
+
+
+class TrainParams(Section):
+    """``train.<model>``: the shared trainer's settings for one model."""
+
+    epochs: int = Field(default=15, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    warmup_epochs: float = Field(default=0.5, ge=0.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    workers: int = Field(default=2, ge=0)
+    seed: int = 0
+    resume: bool = False
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    samples_per_epoch: int | None = Field(default=None, ge=1)
+
+
+class TrainSection(Section):
+    """``train``: one block of trainer settings per model."""
+
+    unet: TrainParams = TrainParams()
+
+
+class TrackingParams(Section):
+    """``tracking``: MLflow. ``uri: null`` → ``MLFLOW_TRACKING_URI`` or the local default store."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "cellseg"
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "synth": SynthParams,
     "split": SplitParams,
+    "patches": PatchParams,
+    "unet": UNetParams,
+    "train": TrainSection,
+    "tracking": TrackingParams,
 }
 
 S = TypeVar("S", bound=Section)

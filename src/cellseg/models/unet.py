@@ -9,15 +9,20 @@ dict, or a dict with a ``"state_dict"`` / ``"model"`` entry holding one of those
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 
+from cellseg.data import IGNORE_INDEX
 from cellseg.errors import ParamsError, ResourceError
+from cellseg.metrics import iou_dice
 
 PARAM = "unet.encoder_weights"
+BN_MOMENTUM = 0.1
 CHECKPOINT_ENTRIES = ("state_dict", "model")
 # What torch.load(weights_only=True) raises on a file that is not a (complete) torch checkpoint.
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError)
@@ -52,12 +57,21 @@ def unet_predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _smp_unet(encoder: str, weights: str | None, in_channels: int, classes: int) -> torch.nn.Module:
-    """``smp.Unet``; an unknown encoder or weights name raises :class:`ParamsError`."""
+    """``smp.Unet`` with PyTorch's BatchNorm momentum; an unknown encoder or weights name raises :class:`ParamsError`.
+
+    The EfficientNet encoders carry TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): their running
+    statistics need thousands of steps to leave their initial values, so a short training validates (in eval
+    mode) far worse than it trains. PyTorch's default 0.1 is used instead.
+    """
     try:
-        return smp.Unet(encoder, encoder_weights=weights, in_channels=in_channels, classes=classes)
+        model = smp.Unet(encoder, encoder_weights=weights, in_channels=in_channels, classes=classes)
     except KeyError as exc:
         detail = str(exc)[:200]
         raise ParamsError(f"unet.encoder: {encoder!r} with weights {weights!r} is not available: {detail}") from exc
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = BN_MOMENTUM
+    return model
 
 
 def _load_local(encoder: str, path: Path, in_channels: int, classes: int) -> torch.nn.Module:
@@ -115,3 +129,72 @@ def _key_diff(model: torch.nn.Module, state: Mapping[str, torch.Tensor], shown: 
     expected = max(candidates, key=lambda keys: len(keys & set(state)))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     return f"{len(missing)} missing keys {missing[:shown]}, {len(unexpected)} unexpected keys {unexpected[:shown]}"
+
+
+class UNetTask:
+    """How the shared trainer trains and validates the U-Net (classes: background, interior, boundary)."""
+
+    name = "unet"
+    monitor = "dice"
+
+    def __init__(self, loss: str = "ce_dice", channels_last: bool = False) -> None:
+        if loss not in LOSSES:
+            raise ParamsError(f"unet.loss: {loss!r} is not one of {', '.join(LOSSES)}")
+        self.loss = loss
+        self.channels_last = channels_last
+        self.dice_loss = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
+
+    def _forward(self, model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        channels_last = self.channels_last and device.type == "cuda"
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return model(images), batch["target"].to(device, non_blocking=True)
+
+    def _losses(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+        if self.loss == "ce":
+            return {"loss": ce}
+        dice = self.dice_loss(logits.float(), target)
+        return {"loss": ce + dice, "ce": ce, "dice_loss": dice}
+
+    def train_step(self, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """Loss of one batch plus the batch's foreground IoU and Dice (the seed's training curves)."""
+        logits, target = self._forward(model, batch, device)
+        stats = self._losses(logits, target)
+        with torch.no_grad():
+            inter, pred, true = _foreground_counts(logits, target)
+            iou, dice = iou_dice(inter, pred, true)
+        return {**stats, "iou": torch.tensor(iou), "dice": torch.tensor(dice)}
+
+    def validate(self, model: torch.nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
+        """Loss and foreground pixel IoU/Dice over whole validation images, overall and per cell type."""
+        model.eval()
+        counts: dict[str, np.ndarray] = {}
+        loss_sum, n_images = 0.0, 0
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            for batch in loader:
+                logits, target = self._forward(model, batch, device)
+                loss_sum += float(self._losses(logits, target)["loss"]) * len(target)
+                n_images += len(target)
+                for k, cell_type in enumerate(batch["cell_type"]):
+                    found = np.array(_foreground_counts(logits[k : k + 1], target[k : k + 1]), dtype=np.int64)
+                    for group in ("all", cell_type):
+                        counts[group] = counts.get(group, 0) + found
+        model.train()
+        metrics = {"loss": loss_sum / max(n_images, 1)}
+        for group, (inter, pred, true) in sorted(counts.items()):
+            iou, dice = iou_dice(int(inter), int(pred), int(true))
+            suffix = "" if group == "all" else f"/{group}"
+            metrics[f"iou{suffix}"], metrics[f"dice{suffix}"] = iou, dice
+        return metrics
+
+
+LOSSES = ("ce", "ce_dice")
+
+
+def _foreground_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+    """Pixel counts (intersection, predicted, true) of the foreground (interior or boundary), ignoring padding."""
+    valid = target != IGNORE_INDEX
+    pred = (logits.argmax(dim=1) != 0) & valid
+    true = (target != 0) & valid
+    return int((pred & true).sum()), int(pred.sum()), int(true.sum())

@@ -1,0 +1,336 @@
+"""Training data for the semantic U-Net: 3-class targets, an in-memory image store, augmentations, datasets.
+
+Targets have three classes: 0 background, 1 cell interior, 2 cell boundary (the pixels of a cell that touch
+another cell or the background), so that touching cells stay apart once the interior is split into instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+from torch.utils.data import Dataset, get_worker_info
+from tqdm import tqdm
+
+from cellseg.decode import IMAGES_TABLE, LABELS_DIR
+from cellseg.errors import DataError, ParamsError
+from cellseg.io import read_gray, read_labels
+
+log = logging.getLogger(__name__)
+
+BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+IGNORE_INDEX = 255
+
+
+def targets_from_labels(labels: np.ndarray, boundary_width: int = 1) -> np.ndarray:
+    """The uint8 class map of an instance label image: 0 background, 1 interior, 2 boundary.
+
+    Boundary pixels are a cell's own pixels next to another label or the background (4-connectivity),
+    grown inwards to ``boundary_width`` pixels; background pixels are never boundary.
+    """
+    if isinstance(boundary_width, bool) or not isinstance(boundary_width, numbers.Integral) or boundary_width < 1:
+        raise ParamsError(f"boundary_width: expected an integer >= 1, got {boundary_width!r}")
+    foreground = labels > 0
+    boundary = find_boundaries(labels, mode="inner")
+    if boundary_width > 1:
+        boundary = ndimage.binary_dilation(boundary, iterations=boundary_width - 1, mask=foreground)
+    targets = np.where(foreground, INTERIOR, BACKGROUND).astype(np.uint8)
+    targets[boundary] = BOUNDARY
+    return targets
+
+
+class ImageStore:
+    """Every listed image, its label image and its targets, read once and held in memory."""
+
+    def __init__(self, data_root: Path, decoded_dir: Path, image_ids: Sequence[str], boundary_width: int = 1) -> None:
+        data_root, decoded_dir = Path(data_root), Path(decoded_dir)
+        table = _image_table(decoded_dir, image_ids)
+        self._images: dict[str, np.ndarray] = {}
+        self._labels: dict[str, np.ndarray] = {}
+        self._targets: dict[str, np.ndarray] = {}
+        self._cell_types: dict[str, str] = {}
+        for row in tqdm(table.itertuples(index=False), total=len(table), desc="load images", unit="img"):
+            image = read_gray(data_root / row.file_name)
+            labels = _read_label_file(decoded_dir / LABELS_DIR / f"{row.image_id}.png", image.shape)
+            targets = targets_from_labels(labels, boundary_width)
+            for array in (image, labels, targets):
+                array.flags.writeable = False  # crops are views: nothing may alter the cache
+            self._images[row.image_id] = image
+            self._labels[row.image_id] = labels
+            self._targets[row.image_id] = targets
+            self._cell_types[row.image_id] = str(row.cell_type)
+        log.info("loaded %d images into memory (%.0f MB)", len(table), self.nbytes / 2**20)
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The ids held, in the order given."""
+        return list(self._images)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the images, label images and targets."""
+        arrays = (*self._images.values(), *self._labels.values(), *self._targets.values())
+        return sum(a.nbytes for a in arrays)
+
+    def image(self, image_id: str) -> np.ndarray:
+        """The uint8 H×W image."""
+        return self._get(self._images, image_id)
+
+    def labels(self, image_id: str) -> np.ndarray:
+        """The uint16 H×W instance label image."""
+        return self._get(self._labels, image_id)
+
+    def targets(self, image_id: str) -> np.ndarray:
+        """The uint8 H×W class map (:func:`targets_from_labels`)."""
+        return self._get(self._targets, image_id)
+
+    def cell_type(self, image_id: str) -> str:
+        """The image's cell type."""
+        return self._get(self._cell_types, image_id)
+
+    def _get(self, mapping: dict[str, Any], image_id: str) -> Any:
+        try:
+            return mapping[image_id]
+        except KeyError:
+            raise DataError(f"image {image_id!r} is not in the image store") from None
+
+
+def _image_table(decoded_dir: Path, image_ids: Sequence[str]) -> pd.DataFrame:
+    """The ``images.parquet`` rows of ``image_ids`` (in the order given, without duplicates)."""
+    path = decoded_dir / IMAGES_TABLE
+    if not path.is_file():
+        raise DataError(f"{path}: decoded image table is missing")
+    table = pd.read_parquet(path, columns=["image_id", "file_name", "cell_type"]).drop_duplicates("image_id")
+    ids = list(dict.fromkeys(image_ids))
+    missing = sorted(set(ids) - set(table["image_id"]))
+    if missing:
+        raise DataError(f"{path}: {len(missing)} requested image id(s) missing, e.g. {missing[:5]}")
+    return table.set_index("image_id").loc[ids].reset_index()
+
+
+def _read_label_file(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: label image is missing")
+    labels = read_labels(path)
+    if labels.shape != shape:
+        raise DataError(f"{path}: label image is {labels.shape} but its image is {shape}")
+    return labels
+
+
+def _hflip() -> A.BasicTransform:
+    return A.HorizontalFlip(p=0.5)
+
+
+def _vflip() -> A.BasicTransform:
+    return A.VerticalFlip(p=0.5)
+
+
+def _rotate90() -> A.BasicTransform:
+    return A.RandomRotate90(p=0.5)
+
+
+def _transpose() -> A.BasicTransform:
+    return A.Transpose(p=0.5)
+
+
+def _brightness_contrast() -> A.BasicTransform:
+    return A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)
+
+
+def _gamma() -> A.BasicTransform:
+    return A.RandomGamma(gamma_limit=(80, 120), p=0.5)
+
+
+def _blur() -> A.BasicTransform:
+    return A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=0.25)
+
+
+def _noise() -> A.BasicTransform:
+    return A.GaussNoise(std_range=(0.01, 0.05), p=0.25)
+
+
+def _shift_scale_rotate() -> A.BasicTransform:
+    return A.Affine(
+        scale=(0.85, 1.15),
+        translate_percent=(-0.0625, 0.0625),
+        rotate=(-45, 45),
+        interpolation=cv2.INTER_LINEAR,
+        mask_interpolation=cv2.INTER_NEAREST,
+        border_mode=cv2.BORDER_REFLECT_101,
+        p=0.5,
+    )
+
+
+AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
+    "hflip": _hflip,
+    "vflip": _vflip,
+    "rotate90": _rotate90,
+    "transpose": _transpose,
+    "brightness_contrast": _brightness_contrast,
+    "gamma": _gamma,
+    "blur": _blur,
+    "noise": _noise,
+    "shift_scale_rotate": _shift_scale_rotate,
+}
+
+
+def build_augmentations(names: Sequence[str], seed: int | None = None) -> A.Compose:
+    """Compose the named augmentations (:data:`AUGMENTATIONS`, in the order given); no names: identity.
+
+    Geometric transforms move the mask with nearest interpolation, so that target classes stay exact.
+    """
+    if isinstance(names, str):
+        raise ParamsError(f"unet.augment: expected a list of names, got the string {names!r}")
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ParamsError(f"unet.augment: unknown augmentation(s) {unknown}; valid names: {', '.join(AUGMENTATIONS)}")
+    return A.Compose([AUGMENTATIONS[n]() for n in names], mask_interpolation=cv2.INTER_NEAREST, seed=seed)
+
+
+def normalize(image_uint8: np.ndarray, mean: float, std: float, channels: int) -> torch.Tensor:
+    """A float32 C×H×W tensor ``(image / 255 - mean) / std``, the grey channel repeated ``channels`` times.
+
+    ``mean`` and ``std`` are on the [0, 1] scale.
+    """
+    if channels not in (1, 3):
+        raise ParamsError(f"channels: expected 1 or 3, got {channels!r}")
+    if not std > 0:
+        raise ParamsError(f"std: expected a positive number, got {std!r}")
+    grey = torch.from_numpy(image_uint8.astype(np.float32)).div_(255.0).sub_(mean).div_(std)
+    return grey.unsqueeze(0).repeat(channels, 1, 1)
+
+
+class PatchDataset(Dataset):
+    """Square training windows (an index from :func:`cellseg.patches.sample_patches`) cropped from an :class:`ImageStore`.
+
+    In DataLoader workers the augmentation is reseeded from the worker's seed on first use, so that workers
+    draw different (and, under ``torch.manual_seed``, reproducible) augmentations.
+    """
+
+    def __init__(
+        self,
+        index: pd.DataFrame,
+        store: ImageStore,
+        augment: A.Compose | None,
+        mean: float,
+        std: float,
+        channels: int,
+    ) -> None:
+        self._image_ids = index["image_id"].to_numpy(object)
+        self._x0 = index["x0"].to_numpy(np.int64)
+        self._y0 = index["y0"].to_numpy(np.int64)
+        self._size = index["size"].to_numpy(np.int64)
+        self.store = store
+        self.augment = augment
+        self.mean, self.std, self.channels = mean, std, channels
+        self._seeded_worker: int | None = None
+        self._check_windows()
+
+    def _check_windows(self) -> None:
+        ids, which = np.unique(self._image_ids.astype(str), return_inverse=True)
+        shapes = np.array([self.store.image(image_id).shape for image_id in ids], dtype=np.int64).reshape(-1, 2)
+        height, width = shapes[which, 0], shapes[which, 1]
+        outside = (self._x0 < 0) | (self._y0 < 0) | (self._x0 + self._size > width) | (self._y0 + self._size > height)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise DataError(
+                f"patch index: row {i} (image {self._image_ids[i]}, x0={self._x0[i]}, y0={self._y0[i]}, "
+                f"size={self._size[i]}) lies outside its {width[i]}x{height[i]} image"
+            )
+
+    def __len__(self) -> int:
+        return len(self._image_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image_id, x0, y0, size = self._image_ids[i], self._x0[i], self._y0[i], self._size[i]
+        window = (slice(y0, y0 + size), slice(x0, x0 + size))
+        image, target = self.store.image(image_id)[window], self.store.targets(image_id)[window]
+        if self.augment is not None:
+            self._seed_worker()
+            out = self.augment(image=image, mask=target)
+            image, target = out["image"], out["mask"]
+        return {
+            "image": normalize(image, self.mean, self.std, self.channels),
+            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64)),
+        }
+
+    def _seed_worker(self) -> None:
+        info = get_worker_info()
+        if info is not None and self._seeded_worker != info.id:
+            self.augment.set_random_seed(info.seed % 2**32)
+            self._seeded_worker = info.id
+
+
+class WholeImageDataset(Dataset):
+    """Whole images for validation, padded at the bottom/right to a multiple of ``pad_multiple``.
+
+    The image is reflect-padded, the target padded with :data:`IGNORE_INDEX`; ``valid`` marks real pixels.
+    """
+
+    def __init__(
+        self,
+        image_ids: Sequence[str],
+        store: ImageStore,
+        mean: float,
+        std: float,
+        channels: int,
+        pad_multiple: int = 32,
+    ) -> None:
+        if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, numbers.Integral) or pad_multiple < 1:
+            raise ParamsError(f"pad_multiple: expected an integer >= 1, got {pad_multiple!r}")
+        self.image_ids = list(image_ids)
+        for image_id in self.image_ids:
+            store.image(image_id)  # fail now, not in a worker, on an id the store lacks
+        self.store = store
+        self.mean, self.std, self.channels = mean, std, channels
+        self.pad_multiple = pad_multiple
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_id = self.image_ids[i]
+        image, target = self.store.image(image_id), self.store.targets(image_id)
+        height, width = image.shape
+        pad = ((0, -height % self.pad_multiple), (0, -width % self.pad_multiple))
+        valid = np.zeros((height + pad[0][1], width + pad[1][1]), dtype=bool)
+        valid[:height, :width] = True
+        return {
+            "image": normalize(np.pad(image, pad, mode="reflect"), self.mean, self.std, self.channels),
+            "target": torch.from_numpy(np.pad(target, pad, constant_values=IGNORE_INDEX).astype(np.int64)),
+            "valid": torch.from_numpy(valid),
+            "image_id": image_id,
+            "cell_type": self.store.cell_type(image_id),
+            "height": height,
+            "width": width,
+        }
+
+    @staticmethod
+    def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Stack items, padding smaller ones at the bottom/right to the batch's largest (image 0, target ignored)."""
+        height = max(item["image"].shape[1] for item in batch)
+        width = max(item["image"].shape[2] for item in batch)
+
+        def fit(tensor: torch.Tensor, fill: float | int | bool) -> torch.Tensor:
+            pad = (0, width - tensor.shape[-1], 0, height - tensor.shape[-2])
+            return torch.nn.functional.pad(tensor, pad, value=fill) if any(pad) else tensor
+
+        return {
+            "image": torch.stack([fit(item["image"], 0.0) for item in batch]),
+            "target": torch.stack([fit(item["target"], IGNORE_INDEX) for item in batch]),
+            "valid": torch.stack([fit(item["valid"], False) for item in batch]),
+            "image_id": [item["image_id"] for item in batch],
+            "cell_type": [item["cell_type"] for item in batch],
+            "height": torch.tensor([item["height"] for item in batch]),
+            "width": torch.tensor([item["width"] for item in batch]),
+        }

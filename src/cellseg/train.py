@@ -1,0 +1,321 @@
+"""The one training loop, shared by every model family.
+
+A model family plugs in through a :class:`Task` (how to compute its losses on a batch and how to validate);
+the loop does the rest: device choice, AMP and channels_last on CUDA, AdamW with linear warm-up and cosine
+decay, gradient clipping, per-epoch metrics (CSV for ``dvc plots``, MLflow through :mod:`cellseg.tracking`),
+``last.pt`` every epoch, ``best.pt`` by the validation metric, and resume from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cellseg.checkpoint import load_checkpoint, save_checkpoint
+from cellseg.config import TrainParams
+from cellseg.errors import TrainingError
+from cellseg.io import atomic_path, write_json
+from cellseg.plots import training_curves
+from cellseg.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+Batch = Any
+
+
+class Task(Protocol):
+    """What the trainer needs from a model family."""
+
+    name: str  # model name, stored in checkpoints
+    monitor: str  # validation metric that selects best.pt (higher is better)
+
+    def train_step(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        """Losses of one batch: ``"loss"`` (to minimise) plus any detached per-batch statistics."""
+
+    def validate(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict[str, float]:
+        """Validation metrics over the whole validation set (must include ``monitor``)."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; otherwise the named torch device."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochLog:
+    """Per-epoch metrics as a CSV (rewritten whole each epoch, atomically) that ``dvc plots`` reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, history: list[dict[str, float]]) -> None:
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainParams,
+    out_dir: Path,
+    metrics_file: Path,
+    tracker: Tracker,
+    *,
+    model_params: Mapping[str, Any] | None = None,
+    run_params: Mapping[str, Any] | None = None,
+    run_tags: Mapping[str, str | None] | None = None,
+    collate_fn: Callable | None = None,
+    val_collate_fn: Callable | None = None,
+    val_batch_size: int = 1,
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``config.epochs`` epochs; return the per-epoch history.
+
+    ``out_dir`` receives ``last.pt`` and ``best.pt``; ``metrics_file`` the per-epoch CSV; ``tracker`` (an
+    open :class:`~cellseg.tracking.Tracker`) a run with ``run_params``, ``run_tags`` and every epoch's metrics. With
+    ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
+    scaler, epoch, history, RNG, MLflow run).
+    """
+    device = pick_device(config.device)
+    cuda = device.type == "cuda"
+    seed_everything(config.seed)
+    model.to(device)
+    if config.channels_last and cuda:
+        model.to(memory_format=torch.channels_last)
+    loader = _train_loader(train_set, config, collate_fn, cuda)
+    val_loader = DataLoader(
+        val_set, batch_size=val_batch_size, shuffle=False, num_workers=config.workers, collate_fn=val_collate_fn,
+        pin_memory=cuda, persistent_workers=config.workers > 0,
+    )
+    steps_per_epoch = len(loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+    history: list[dict[str, float]] = []
+    best = -math.inf
+    start_epoch = 0
+    run_id = None
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if config.resume and last_path.is_file():
+        state = load_checkpoint(last_path, task.name)
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        history, best, start_epoch, run_id = state["history"], state["best"], state["epoch"], state["run_id"]
+        log.info("resuming %s from %s after epoch %d of %d", task.name, last_path, start_epoch, config.epochs)
+    elif config.resume:
+        log.info("resume requested but %s does not exist: starting from scratch", last_path)
+    tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id)
+    epoch_log = EpochLog(metrics_file)
+    for epoch in range(start_epoch, config.epochs):
+        loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order whether resumed or not
+        began = time.perf_counter()
+        train_stats, seen = _train_epoch(model, task, loader, optimizer, scheduler, scaler, config, device, epoch)
+        train_time = time.perf_counter() - began
+        val_stats = task.validate(model, val_loader, device)
+        row = {
+            "epoch": epoch + 1,
+            **{f"train/{k}": v for k, v in train_stats.items()},
+            **{f"val/{k}": v for k, v in val_stats.items()},
+            "lr": scheduler.get_last_lr()[0],
+            "train/samples_per_s": seen / train_time,
+            "epoch_time_s": time.perf_counter() - began,
+        }
+        history.append(row)
+        monitored = val_stats[task.monitor]
+        improved = monitored > best
+        best = max(best, monitored)
+        checkpoint = {
+            "model_params": dict(model_params or {}),
+            "model_state": model.state_dict(),
+            "epoch": epoch + 1,
+            "best": best,
+            "history": history,
+            "monitor": task.monitor,
+            "run_id": tracker.run_id,
+        }
+        if improved:
+            save_checkpoint(best_path, task.name, checkpoint)
+        save_checkpoint(
+            last_path,
+            task.name,
+            {
+                **checkpoint,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+            },
+        )
+        epoch_log.write(history)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log.info(
+            "epoch %d/%d: %s", epoch + 1, config.epochs,
+            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        )
+    return history
+
+
+def _train_loader(train_set: Dataset, config: TrainParams, collate_fn: Callable | None, cuda: bool) -> DataLoader:
+    generator = torch.Generator()
+    if config.samples_per_epoch is not None and config.samples_per_epoch < len(train_set):
+        sampler = torch.utils.data.RandomSampler(train_set, num_samples=config.samples_per_epoch, generator=generator)
+        return DataLoader(
+            train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+            collate_fn=collate_fn, pin_memory=cuda, drop_last=True, worker_init_fn=_seed_worker,
+            persistent_workers=False, generator=generator,
+        )
+    return DataLoader(
+        train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers, collate_fn=collate_fn,
+        pin_memory=cuda, drop_last=len(train_set) > config.batch_size, worker_init_fn=_seed_worker,
+        generator=generator,
+    )
+
+
+def _train_epoch(
+    model: nn.Module,
+    task: Task,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    config: TrainParams,
+    device: torch.device,
+    epoch: int,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns the sample-weighted mean of each statistic and the samples seen."""
+    model.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    progress = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+    for batch in progress:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+            stats = task.train_step(model, batch, device)
+        loss = stats["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{task.name}: non-finite loss {loss.item()} at epoch {epoch + 1}; lower the lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = _batch_size(batch)
+        seen += n
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    return {key: value / max(seen, 1) for key, value in sums.items()}, seen
+
+
+def _batch_size(batch: Batch) -> int:
+    if isinstance(batch, dict):
+        return len(next(iter(batch.values())))
+    return len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+
+
+def train_tracked(
+    model: nn.Module,
+    task: Task,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainParams,
+    *,
+    model_dir: Path,
+    metrics_dir: Path,
+    tracker: Tracker,
+    model_params: Mapping[str, Any],
+    run_params: Mapping[str, Any],
+    run_tags: Mapping[str, str | None],
+    **loader_options: Any,
+) -> dict[str, Any]:
+    """:func:`fit`, then the run's records: curves PNG, ``train.json`` summary, MLflow artifacts and best model.
+
+    Writes ``model_dir/{last,best}.pt`` and ``metrics_dir/{epochs.csv,curves.png,train.json}``; returns the summary.
+    """
+    with tracker:
+        history = fit(
+            model, task, train_set, val_set, config, model_dir, metrics_dir / "epochs.csv", tracker,
+            model_params=model_params, run_params=run_params, run_tags=run_tags, **loader_options,
+        )
+        curves = metrics_dir / "curves.png"
+        training_curves(history, curves, f"{task.name}: training curves")
+        best = load_checkpoint(model_dir / "best.pt", task.name)
+        summary = {
+            "epochs": len(history),
+            "best_epoch": int(best["epoch"]),
+            f"best_val_{task.monitor}": float(best["best"]),
+            "final": {k: v for k, v in history[-1].items() if k != "epoch"},
+            "mlflow_run_id": tracker.run_id,
+        }
+        write_json(metrics_dir / "train.json", summary)
+        for path, folder in ((curves, "plots"), (metrics_dir / "epochs.csv", "metrics"), (model_dir / "best.pt", "checkpoints")):
+            tracker.log_artifact(path, artifact_path=folder)
+        model.load_state_dict(best["model_state"])
+        tracker.log_model(model.cpu(), name="model")
+    return summary

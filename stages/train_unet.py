@@ -1,0 +1,56 @@
+"""DVC stage: train the U-Net on the patch index with the shared trainer (params ``unet``, ``train.unet``, ``tracking``)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cellseg import config
+from cellseg.cli import guarded
+from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
+from cellseg.models.unet import UNetTask, build_unet
+from cellseg.train import train_tracked
+from cellseg.tracking import open_tracker, run_record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--decoded", type=Path, required=True)
+    parser.add_argument("--split", type=Path, required=True)
+    parser.add_argument("--patches", type=Path, required=True)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    raw = config.read_params(args.params)
+    data, unet, tracking = (config.section(raw, name, path=args.params) for name in ("data", "unet", "tracking"))
+    train = config.section(raw, "train", path=args.params).unet
+    split = json.loads(args.split.read_text())
+    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name="unet")
+
+    store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], unet.boundary_width)
+    train_set = PatchDataset(
+        pd.read_parquet(args.patches), store, build_augmentations(unet.augment, seed=train.seed),
+        unet.mean, unet.std, unet.channels,
+    )
+    val_set = WholeImageDataset(split["val"], store, unet.mean, unet.std, unet.channels)
+    model = build_unet(encoder=unet.encoder, weights=unet.encoder_weights, in_channels=unet.channels, classes=3)
+    train_tracked(
+        model,
+        UNetTask(unet.loss, channels_last=train.channels_last),
+        train_set,
+        val_set,
+        train,
+        model_dir=args.models,
+        metrics_dir=args.metrics,
+        tracker=tracker,
+        model_params=unet.model_dump(),
+        **run_record(raw, model="unet"),
+        val_collate_fn=WholeImageDataset.collate,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(guarded(main))

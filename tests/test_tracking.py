@@ -1,0 +1,215 @@
+"""cellseg.tracking against a real sqlite MLflow store in a temporary directory (one per module:
+creating an MLflow database takes seconds), a disabled tracker and unreachable servers."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellseg.errors import ParamsError, ResourceError
+from cellseg.tracking import (
+    Tracker,
+    check_server,
+    dvc_experiment_name,
+    flatten_params,
+    git_commit,
+    open_tracker,
+    tracking_uri,
+)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow_store")
+
+
+@pytest.fixture
+def in_store(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd = the module's store directory, MLFLOW_TRACKING_URI unset (restored afterwards:
+    mlflow.set_tracking_uri exports it)."""
+    monkeypatch.chdir(store_dir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    return store_dir
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri(None))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flatten_params() -> None:
+    nested = {"unet": {"encoder": "resnet34", "depth": 5, "channels": [16, 32]}, "lr": 1e-3,
+              "amp": True, "limit": None}
+    assert flatten_params(nested) == {
+        "unet.encoder": "resnet34", "unet.depth": 5, "unet.channels": "16,32",
+        "lr": 1e-3, "amp": True, "limit": "null",
+    }
+    assert flatten_params({"a": {"b": 1}}, prefix="train") == {"train.a.b": 1}
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert tracking_uri(None) == "http://example:5000"
+    assert tracking_uri("sqlite:///runs/t.db") == f"sqlite:///{tmp_path}/runs/t.db"
+    assert tracking_uri("sqlite:////abs/t.db") == "sqlite:////abs/t.db"
+
+
+def test_git_and_dvc_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert git_commit(tmp_path) is None
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    assert git_commit(tmp_path) is None  # no commit yet
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    sha = git_commit(tmp_path)
+    assert sha is not None and len(sha) == 40
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert dvc_experiment_name() is None
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-newt")
+    assert dvc_experiment_name() == "lucid-newt"
+
+
+def test_full_run_round_trip(in_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pytorch
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # load_model's
+    plot = in_store / "curve.txt"
+    plot.write_text("loss\n")
+    model = torch.nn.Linear(3, 2)
+    params = flatten_params({"train": {"lr": 0.01, "epochs": 3}, "model": {"arch": "unet"}})
+    with open_tracker(uri=None, experiment="roundtrip", run_name="unet") as tracker:
+        tracker.start(params=params, tags={"model": "unet", "git_commit": "abc123", "dvc_exp": None})
+        for step in range(3):
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1), "val/iou": 0.1 * step}, step=step)
+        tracker.log_artifact(plot, artifact_path="plots")
+        t0 = time.perf_counter()
+        model_uri = tracker.log_model(model, name="model")
+        assert time.perf_counter() - t0 < 10
+        run_id = tracker.run_id
+    assert run_id is not None and model_uri is not None
+    assert (in_store / "mlflow.db").is_file()
+
+    client = _client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "roundtrip"
+    assert run.data.params == {"train.lr": "0.01", "train.epochs": "3", "model.arch": "unet"}
+    tags = run.data.tags
+    assert tags["mlflow.runName"] == "unet" and tags["model"] == "unet"
+    assert tags["git_commit"] == "abc123" and "dvc_exp" not in tags
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
+    assert len(client.get_metric_history(run_id, "val/iou")) == 3
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/curve.txt"]
+
+    x = torch.randn(4, 3)
+    for uri in (f"runs:/{run_id}/model", model_uri):
+        loaded = mlflow.pytorch.load_model(uri)
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_exception_marks_run_failed_and_interrupt_killed(in_store: Path) -> None:
+    ids = []
+    for exc, status in ((ValueError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(exc)):
+            with open_tracker(experiment="failing", run_name="unet") as tracker:
+                tracker.start(params={"a": 1})
+                tracker.log_metrics({"train/loss": 1.0}, step=0)
+                ids.append(tracker.run_id)
+                raise exc
+        assert _client().get_run(ids[-1]).info.status == status
+
+
+def test_resume_continues_the_run(in_store: Path) -> None:
+    params = {"train.lr": 0.01}
+    with open_tracker(experiment="resume", run_name="unet") as first:
+        first.start(params=params)
+        first.log_metrics({"val/iou": 0.1}, step=0)
+    with open_tracker(experiment="resume", run_name="unet") as second:
+        second.start(params={**params, "train.resumed": True}, run_id=first.run_id)
+        second.log_metrics({"val/iou": 0.2}, step=1)
+    assert second.run_id == first.run_id
+    client = _client()
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.lr": "0.01", "train.resumed": "True"}
+    assert [m.step for m in client.get_metric_history(first.run_id, "val/iou")] == [0, 1]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    with pytest.raises(ParamsError, match="train.lr"):
+        open_tracker(experiment="resume").start(params={"train.lr": 0.1}, run_id=first.run_id)
+    with pytest.raises(ResourceError, match="cannot resume"):
+        open_tracker(experiment="resume").start(params=params, run_id="0" * 32)
+
+
+def test_disabled_tracker_does_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plot.png").write_bytes(b"png")
+    before = sorted(tmp_path.rglob("*"))
+    with open_tracker(enabled=False, uri="http://127.0.0.1:1", run_name="unet") as tracker:
+        assert type(tracker) is Tracker
+        tracker.start(params={"a": 1}, tags={"model": "unet"}, run_id=None)
+        tracker.log_metrics({"train/loss": 0.3}, step=0)
+        tracker.log_artifact(tmp_path / "plot.png", artifact_path="plots")
+        assert tracker.log_model(torch.nn.Linear(1, 1), name="model") is None
+        assert tracker.run_id is None
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_unreachable_server_fails_fast_at_open() -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(ResourceError, match="unreachable") as err:
+        open_tracker(uri=uri)
+    assert time.perf_counter() - t0 < 10
+    assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
+
+
+@pytest.fixture
+def http_status_server() -> Iterator[tuple[str, list[int]]]:
+    """A loopback HTTP server that answers every GET with the status code at the end of the list."""
+    codes = [503]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(codes[-1])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", codes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_check_server_status_codes(http_status_server: tuple[str, list[int]]) -> None:
+    uri, codes = http_status_server
+    with pytest.raises(ResourceError, match="HTTP 503"):
+        check_server(uri, "cellseg")
+    for code in (200, 401, 404):  # the server answers: MLflow reports the details itself
+        codes.append(code)
+        check_server(uri, "cellseg")
