@@ -24,7 +24,7 @@ def test_the_projects_params_file_is_valid() -> None:
         ({"split": {"n_folds": 3, "fold": 3}}, "split: .*fold 3 is out of range for n_folds 3"),
         ({"split": {"n_folds": 1}}, r"split.n_folds: Input should be greater than or equal to 2 \(got 1\)"),
         ({"split": {"n_folds": "5"}}, r"split.n_folds: Input should be a valid integer \(got '5'\)"),
-        ({"data": {"source": "zenodo"}}, r"data.source: Input should be 'synthetic' or 'kaggle' \(got 'zenodo'\)"),
+        ({"data": {"source": "zenodo"}}, r"data.source: Input should be 'synthetic', 'kaggle' or 'livecell' \(got 'zenodo'\)"),
         ({"data": {"limit_images": 0}}, r"data.limit_images: .*greater than or equal to 1"),
         ({"data": {"limt_images": 3}}, r"data.limt_images: Extra inputs are not permitted"),
         ({"synth": {"images": 2.5}}, r"synth.images: Input should be a valid integer"),

@@ -10,11 +10,17 @@ from typing import Any
 
 import torch
 
-from cellseg.errors import DataError
+from collections.abc import Mapping
+
+from cellseg.errors import DataError, ParamsError
 from cellseg.io import atomic_path
 
 FORMAT = "cellseg-checkpoint"
 VERSION = 1
+# What torch.load(weights_only=True) raises on a file that is not a (complete, safe) torch checkpoint.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError)
+# Where a weights file may nest its state dict (a cellseg checkpoint keeps it under "model_state").
+WEIGHT_ENTRIES = ("model_state", "state_dict", "model")
 
 
 def save_checkpoint(path: str | os.PathLike[str], model_name: str, state: dict[str, Any]) -> None:
@@ -30,7 +36,7 @@ def load_checkpoint(path: str | os.PathLike[str], model_name: str | None = None)
         raise DataError(f"{path}: checkpoint file is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except LOAD_ERRORS as exc:
         reason = " ".join(str(exc).split())[:200]
         raise DataError(f"{path}: not a readable cellseg checkpoint (truncated, corrupt or unsafe: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -40,3 +46,23 @@ def load_checkpoint(path: str | os.PathLike[str], model_name: str | None = None)
     if model_name is not None and state.get("model") != model_name:
         raise DataError(f"{path}: checkpoint of model {state.get('model')!r}, expected {model_name!r}")
     return state
+
+
+def read_weights(path: Path, param: str, choices: str) -> dict[str, torch.Tensor]:
+    """The state dict in a local weights file named by the param ``param`` (a bare state dict or one nested
+    under :data:`WEIGHT_ENTRIES`); anything else raises :class:`ParamsError` naming the param and the file.
+
+    ``choices`` lists the param's other accepted values, for the message when the file does not exist.
+    """
+    if not path.is_file():
+        raise ParamsError(f"{param}: {str(path)!r} is neither {choices} nor an existing weights file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except LOAD_ERRORS as exc:
+        raise ParamsError(f"{param}: {path} is not a readable torch checkpoint ({type(exc).__name__})") from exc
+    if isinstance(checkpoint, Mapping):
+        entry = next((checkpoint[k] for k in WEIGHT_ENTRIES if isinstance(checkpoint.get(k), Mapping)), None)
+        checkpoint = checkpoint if entry is None else entry
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ParamsError(f"{param}: {path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(checkpoint)

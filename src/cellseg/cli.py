@@ -33,6 +33,16 @@ def _synth(args: argparse.Namespace) -> None:
     synthesize(args.out, n_images=args.images, seed=args.seed)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from cellseg.predict import predict_images
+    from cellseg.train import pick_device
+
+    predict_images(
+        args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
+        device=pick_device(args.device), cell_type=args.cell_type,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``cellseg`` subcommand."""
     parser = argparse.ArgumentParser(prog="cellseg", description=__doc__)
@@ -42,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", type=int, default=24, help="number of images (606 ≈ the real data's scale)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed → same bytes")
     synth.set_defaults(run=_synth)
+    predict = commands.add_parser("predict", help="segment new images with a trained checkpoint")
+    predict.add_argument("inputs", nargs="+", help="image files and/or directories of images")
+    predict.add_argument("--model", type=Path, required=True, help="a checkpoint, e.g. models/maskrcnn/best.pt")
+    predict.add_argument("--out", type=Path, required=True, help="output directory (labels/, predictions.json, submission.csv)")
+    predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    predict.add_argument("--cell-type", default=None, help="U-Net only: the cell type, for its size threshold")
+    predict.set_defaults(run=_predict)
     return parser
 
 

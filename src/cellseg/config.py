@@ -23,7 +23,7 @@ class Section(BaseModel):
 class DataParams(Section):
     """``data``: where the raw data comes from."""
 
-    source: Literal["synthetic", "kaggle"] = "synthetic"
+    source: Literal["synthetic", "kaggle", "livecell"] = "synthetic"
     root: str = "data/raw/synthetic"
     limit_images: int | None = Field(default=None, ge=1)
     seed: int = 0
@@ -94,10 +94,30 @@ class TrainParams(Section):
     samples_per_epoch: int | None = Field(default=None, ge=1)
 
 
+class MaskRCNNParams(Section):
+    """``maskrcnn``: torchvision's Mask R-CNN R50-FPN v2, sized for cells."""
+
+    weights: str = "none"  # coco | none | <path to a local weights file>
+    image_scale: float = Field(default=1.0, gt=0.0, le=4.0)  # 2.0: 704×520 images upscaled ×2
+    anchor_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5)
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.33, 0.5, 1.0, 2.0, 3.0], min_length=1)
+    detections_per_img: int = Field(default=1000, ge=1)
+    rpn_pre_nms_top_n: int = Field(default=6000, ge=1)
+    rpn_post_nms_top_n: int = Field(default=3000, ge=1)
+    box_batch_size_per_image: int = Field(default=512, ge=1)
+    mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    score_threshold: dict[str, float] = Field(default_factory=lambda: {"shsy5y": 0.3, "astro": 0.4, "cort": 0.5})
+    min_size: dict[str, int] = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
+    augment: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
+    mean: float = Field(default=0.5, ge=0.0, le=1.0)
+    std: float = Field(default=0.25, gt=0.0)
+
+
 class TrainSection(Section):
     """``train``: one block of trainer settings per model."""
 
     unet: TrainParams = TrainParams()
+    maskrcnn: TrainParams = TrainParams(batch_size=2, lr=0.0002)
 
 
 class TrackingParams(Section):
@@ -114,6 +134,7 @@ SECTIONS: dict[str, type[Section]] = {
     "split": SplitParams,
     "patches": PatchParams,
     "unet": UNetParams,
+    "maskrcnn": MaskRCNNParams,
     "train": TrainSection,
     "tracking": TrackingParams,
 }

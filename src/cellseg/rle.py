@@ -82,10 +82,17 @@ def encode(mask: np.ndarray) -> str:
     """Encode a 2-D boolean mask as a competition RLE string (empty string for an empty mask)."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    flat = np.concatenate([[False], mask.ravel().astype(bool), [False]])
-    edges = np.flatnonzero(flat[1:] != flat[:-1])
-    starts, ends = edges[0::2], edges[1::2]
+    return encode_pixels(np.flatnonzero(mask))
+
+
+def encode_pixels(pixels: np.ndarray) -> str:
+    """Encode sorted, unique flat (row-major) pixel indices as a competition RLE string."""
+    if len(pixels) == 0:
+        return ""
+    breaks = np.flatnonzero(np.diff(pixels) != 1) + 1
+    starts = pixels[np.concatenate([[0], breaks])]
+    lengths = np.diff(np.concatenate([[0], breaks, [len(pixels)]]))
     runs = np.empty(2 * len(starts), dtype=np.int64)
     runs[0::2] = starts + 1
-    runs[1::2] = ends - starts
+    runs[1::2] = lengths
     return " ".join(map(str, runs.tolist()))

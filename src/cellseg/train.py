@@ -183,6 +183,7 @@ def fit(
             "lr": scheduler.get_last_lr()[0],
             "train/samples_per_s": seen / train_time,
             "epoch_time_s": time.perf_counter() - began,
+            **({"gpu_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}),
         }
         history.append(row)
         monitored = val_stats[task.monitor]

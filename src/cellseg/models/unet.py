@@ -8,7 +8,6 @@ dict, or a dict with a ``"state_dict"`` / ``"model"`` entry holding one of those
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,14 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from cellseg.data import IGNORE_INDEX
+from cellseg.checkpoint import read_weights
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.metrics import iou_dice
 
 PARAM = "unet.encoder_weights"
 BN_MOMENTUM = 0.1
-CHECKPOINT_ENTRIES = ("state_dict", "model")
-# What torch.load(weights_only=True) raises on a file that is not a (complete) torch checkpoint.
-LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError)
 
 
 def build_unet(
@@ -76,7 +73,7 @@ def _smp_unet(encoder: str, weights: str | None, in_channels: int, classes: int)
 
 def _load_local(encoder: str, path: Path, in_channels: int, classes: int) -> torch.nn.Module:
     """A U-Net initialised from a local encoder or full-model state dict."""
-    state = _read_state_dict(path)
+    state = read_weights(path, PARAM, "'none', 'imagenet'")
     model = _smp_unet(encoder, None, in_channels, classes)
     if set(state) == set(model.state_dict()):
         _load_strict(model, state, path)
@@ -90,22 +87,6 @@ def _load_local(encoder: str, path: Path, in_channels: int, classes: int) -> tor
     else:
         raise ParamsError(f"{PARAM}: {path} does not fit a U-Net with encoder {encoder!r}: {_key_diff(model, state)}")
     return model
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file; anything else raises :class:`ParamsError` naming the file."""
-    if not path.is_file():
-        raise ParamsError(f"{PARAM}: {str(path)!r} is neither 'none', 'imagenet' nor an existing weights file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except LOAD_ERRORS as exc:
-        raise ParamsError(f"{PARAM}: {path} is not a readable torch checkpoint ({type(exc).__name__})") from exc
-    if isinstance(checkpoint, Mapping):
-        entry = next((checkpoint[k] for k in CHECKPOINT_ENTRIES if isinstance(checkpoint.get(k), Mapping)), None)
-        checkpoint = checkpoint if entry is None else entry
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ParamsError(f"{PARAM}: {path} does not hold a state dict (a mapping of names to tensors)")
-    return dict(checkpoint)
 
 
 def _shapes_fit(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bool:

@@ -61,9 +61,10 @@ def subset(data: SourceData, limit: int | None, seed: int) -> SourceData:
 
 def load_source(source: str, root: str | Path, *, limit_images: int | None = None, seed: int = 0) -> SourceData:
     """Read the data set at ``root`` in the format named by ``source`` and take the subset asked for."""
+    from cellseg.coco import read_livecell
     from cellseg.sources.kaggle import read_kaggle
 
-    readers = {"kaggle": read_kaggle, "synthetic": read_kaggle}
+    readers = {"kaggle": read_kaggle, "synthetic": read_kaggle, "livecell": read_livecell}
     if source not in readers:
         raise ParamsError(f"data.source: unknown source {source!r}; expected one of {', '.join(readers)}")
     return subset(readers[source](root), limit_images, seed)

@@ -1,0 +1,113 @@
+"""Evaluation of trained models on the validation images: the competition mAP, COCO AP, pixel IoU/Dice.
+
+Every metric is given overall and per cell type. The U-Net gives no cell type, so its COCO AP is
+class-agnostic (every cell one category); the Mask R-CNN's COCO AP is per class, as COCO defines it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cellseg.data import ImageStore
+from cellseg.inference import Instances, Predictor, coco_results
+from cellseg.sources import CELL_TYPES
+from cellseg.metrics import CompetitionScore, coco_ap, iou_dice, pixel_counts
+
+log = logging.getLogger(__name__)
+
+COCO_KEYS = ("AP", "AP50", "AP75")
+
+
+@dataclass
+class ModelEvaluation:
+    """One model's metrics (flat ``name[/cell_type]`` keys), score(t) curves and per-image predictions."""
+
+    name: str
+    metrics: dict[str, float]
+    per_threshold: dict[str, dict[float, float]]
+    predictions: dict[str, Instances] = field(repr=False)
+
+
+def evaluate_predictor(
+    predictor: Predictor, store: ImageStore, image_ids: Sequence[str], coco_gt: dict, batch_size: int = 4
+) -> ModelEvaluation:
+    """Run ``predictor`` on ``image_ids`` (whole images from ``store``) and score it against their labels.
+
+    ``coco_gt`` is the COCO json of these images (its images carry ``image_key``, the string id).
+    """
+    coco_id = {image["image_key"]: image["id"] for image in coco_gt["images"]}
+    score = CompetitionScore()
+    pixels: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    results: list[dict] = []
+    predictions: dict[str, Instances] = {}
+    typed = np.zeros(2, dtype=np.int64)  # instances given the image's own cell type, all instances
+    elapsed = 0.0
+    for first in tqdm(range(0, len(image_ids), batch_size), desc=f"evaluate {predictor.name}", unit="batch"):
+        ids = list(image_ids[first : first + batch_size])
+        types = [store.cell_type(i) for i in ids]
+        began = time.perf_counter()
+        found = predictor.predict([store.image(i) for i in ids], types)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - began
+        for image_id, cell_type, instances in zip(ids, types, found):
+            truth = store.labels(image_id)
+            score.add(truth, instances.labels, group=cell_type)
+            for group in ("all", cell_type):
+                pixels[group] = pixels.get(group, 0) + np.array(pixel_counts(instances.labels > 0, truth > 0))
+                counts[group] = counts.get(group, 0) + np.array([_n_instances(truth), len(instances)])
+            typed += (np.count_nonzero(instances.classes == CELL_TYPES.index(cell_type) + 1), len(instances))
+            results += coco_results(instances, coco_id[image_id], class_agnostic=not predictor.gives_class)
+            predictions[image_id] = instances
+    metrics = _summarize(score, pixels, counts, coco_gt, results, predictor.gives_class)
+    metrics["images_per_s"] = len(image_ids) / elapsed if elapsed else float("nan")
+    if predictor.gives_class:
+        metrics["type_accuracy"] = typed[0] / typed[1] if typed[1] else float("nan")
+    groups = [None, *sorted({store.cell_type(i) for i in image_ids})]
+    curves = {group or "all": score.per_threshold(group) for group in groups}
+    return ModelEvaluation(predictor.name, metrics, curves, predictions)
+
+
+def _summarize(
+    score: CompetitionScore,
+    pixels: dict[str, np.ndarray],
+    counts: dict[str, np.ndarray],
+    coco_gt: dict,
+    results: list[dict],
+    gives_class: bool,
+) -> dict[str, float]:
+    competition = score.result()
+    metrics: dict[str, float] = {}
+    for group in sorted(pixels, key=lambda g: (g != "all", g)):
+        suffix = "" if group == "all" else f"/{group}"
+        metrics[f"map{suffix}"] = competition[f"score{suffix}"]
+        metrics[f"iou{suffix}"], metrics[f"dice{suffix}"] = iou_dice(*map(int, pixels[group]))
+        metrics[f"n_true{suffix}"], metrics[f"n_pred{suffix}"] = (float(c) for c in counts[group])
+        gt = coco_gt if group == "all" else _coco_subset(coco_gt, group)
+        keep = {image["id"] for image in gt["images"]}
+        subset = [r for r in results if r["image_id"] in keep]
+        for iou_type in ("segm", "bbox") if gives_class else ("segm",):
+            ap = coco_ap(gt, subset, iou_type=iou_type, class_agnostic=not gives_class)
+            for key in COCO_KEYS:
+                metrics[f"coco_{iou_type}_{key}{suffix}"] = ap[key]
+    return metrics
+
+
+def _coco_subset(coco: dict, cell_type: str) -> dict:
+    """The images of one cell type and their annotations."""
+    images = [image for image in coco["images"] if image["cell_type"] == cell_type]
+    ids = {image["id"] for image in images}
+    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+
+
+def _n_instances(labels: np.ndarray) -> int:
+    """Instances present in a label image (labels need not be consecutive)."""
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))

@@ -1,0 +1,137 @@
+"""Inference shared by ``evaluate`` and ``cellseg predict``: a trained checkpoint → instances per image.
+
+Every model's predictions end as :class:`Instances`: a non-overlapping uint16 label image plus, per
+instance, a category id and a confidence. The U-Net gives no cell type (as in the seed): its classes are
+0 ("cell") and its confidence is the instance's mean foreground probability.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import MaskRCNNParams, UNetParams
+from cellseg.data import normalize
+from cellseg.errors import DataError
+from cellseg.postprocess import watershed_instances
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_CLASS = 0
+
+
+@dataclass(frozen=True)
+class Instances:
+    """One image's instances: ``labels`` (uint16 H×W, instance k at label k+1), ``classes`` and ``scores`` per k."""
+
+    labels: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class Predictor(Protocol):
+    """A trained model ready to segment whole grey images."""
+
+    name: str
+    gives_class: bool
+
+    def predict(self, images: Sequence[np.ndarray], cell_types: Sequence[str | None]) -> list[Instances]:
+        """Instances of each uint8 H×W image (``cell_types`` may be None where unknown)."""
+
+
+class UNetPredictor:
+    """U-Net probabilities → marker-controlled watershed instances."""
+
+    name = "unet"
+    gives_class = False
+
+    def __init__(self, model: torch.nn.Module, params: UNetParams, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.params = params
+        self.device = device
+
+    @torch.inference_mode()
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """(3, H, W) class probabilities of one whole image (padded to a multiple of 32 for the network)."""
+        height, width = image.shape
+        pad = ((0, -height % 32), (0, -width % 32))
+        tensor = normalize(np.pad(image, pad, mode="reflect"), self.params.mean, self.params.std, self.params.channels)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            logits = self.model(tensor.unsqueeze(0).to(self.device))
+        return logits.float().softmax(dim=1)[0, :, :height, :width].cpu().numpy()
+
+    def predict(self, images: Sequence[np.ndarray], cell_types: Sequence[str | None]) -> list[Instances]:
+        results = []
+        for image, cell_type in zip(images, cell_types):
+            probs = self.probabilities(image)
+            sizes = self.params.min_size  # an unknown cell type gets the smallest of them
+            labels = watershed_instances(
+                probs,
+                min_size=sizes.get(cell_type, min(sizes.values())),
+                marker_threshold=self.params.marker_threshold,
+                mask_threshold=self.params.mask_threshold,
+            )
+            n = int(labels.max())
+            foreground = probs[1] + probs[2]
+            sums = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=n + 1)[1:]
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            scores = sums / np.maximum(sizes, 1)
+            results.append(Instances(labels, np.full(n, UNKNOWN_CLASS, dtype=np.int64), scores.astype(np.float32)))
+        return results
+
+
+def load_predictor(checkpoint: str | Path, device: torch.device) -> Predictor:
+    """Rebuild the model a checkpoint was trained as (its params are stored in it) and load its weights."""
+    state = load_checkpoint(checkpoint)
+    name = state["model"]
+    if name == "unet":
+        from cellseg.models.unet import build_unet
+
+        params = UNetParams.model_validate(state["model_params"])
+        model = build_unet(encoder=params.encoder, weights="none", in_channels=params.channels, classes=3)
+        model.load_state_dict(state["model_state"])
+        return UNetPredictor(model, params, device)
+    if name == "maskrcnn":
+        from cellseg.models.maskrcnn import MaskRCNNPredictor, build_maskrcnn
+
+        params = MaskRCNNParams.model_validate({**state["model_params"], "weights": "none"})
+        model = build_maskrcnn(params)
+        model.load_state_dict(state["model_state"])
+        return MaskRCNNPredictor(model, params, device)
+    raise DataError(f"{checkpoint}: checkpoint of unknown model {name!r}")
+
+
+def coco_results(instances: Instances, image_id: int, class_agnostic: bool, chunk: int = 64) -> list[dict]:
+    """COCO result dicts (compressed RLE segmentation, bbox, category, score) for one image's instances.
+
+    Masks are encoded ``chunk`` instances at a time, bounding memory to ``chunk`` full-size masks.
+    """
+    labels, n = instances.labels, len(instances)
+    results = []
+    for first in range(0, n, chunk):
+        ids = np.arange(first + 1, min(first + chunk, n) + 1, dtype=labels.dtype)
+        rles = mask_utils.encode(np.asfortranarray((labels[..., None] == ids).astype(np.uint8)))
+        boxes = mask_utils.toBbox(rles)
+        for rle, box, k in zip(rles, boxes, ids - 1):
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1 if class_agnostic else int(instances.classes[k]),
+                    "segmentation": rle,
+                    "bbox": [float(v) for v in box],
+                    "score": float(instances.scores[k]),
+                }
+            )
+    return results

@@ -1,0 +1,334 @@
+"""Mask R-CNN (torchvision R50-FPN v2) sized for cells: build, data, training task, instances and predictor.
+
+``weights`` (``maskrcnn.weights``): ``"none"`` → random init; ``"coco"`` → torchvision's COCO download with
+new 4-class box/mask predictors (and new RPN logits when the anchors per location differ); any other string →
+a local ``torch.save`` file holding a full Mask R-CNN state dict, or a dict with a ``"model_state"`` (a cellseg
+checkpoint), ``"state_dict"`` or ``"model"`` entry holding one. Predictor tensors of another shape in such a
+file (e.g. a COCO 91-class file) stay randomly initialised; every other key must fit.
+
+Category ids are 1, 2, 3 for :data:`~cellseg.sources.CELL_TYPES` in order, 0 is background.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from torch.utils.data import Dataset, get_worker_info
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor as MaskHead
+from torchvision.models.detection.rpn import RPNHead
+
+from cellseg.config import MaskRCNNParams
+from cellseg.data import ImageStore
+from cellseg.checkpoint import read_weights
+from cellseg.errors import DataError, ParamsError, ResourceError
+from cellseg.inference import Instances
+from cellseg.metrics import CompetitionScore
+from cellseg.postprocess import remove_overlaps
+from cellseg.sources import CELL_TYPES
+
+log = logging.getLogger(__name__)
+
+PARAM = "maskrcnn.weights"
+BASE_SIZE = (520, 704)  # (height, width) of the competition images: the model's size at image_scale 1
+BOX_SCORE_THRESH = 0.05  # low: the per-class thresholds are applied by predict_instances
+# Heads whose tensors depend on the class count or the anchors per location: a file may differ there.
+HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
+
+
+def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
+    """Mask R-CNN R50-FPN v2 with the anchors, sizes and limits of ``params`` (weights: see the module docstring)."""
+    options: dict[str, Any] = {
+        "min_size": round(BASE_SIZE[0] * params.image_scale),
+        "max_size": round(BASE_SIZE[1] * params.image_scale),
+        "image_mean": [params.mean] * 3,
+        "image_std": [params.std] * 3,
+        "box_detections_per_img": params.detections_per_img,
+        "box_score_thresh": BOX_SCORE_THRESH,
+        "box_batch_size_per_image": params.box_batch_size_per_image,
+        "rpn_pre_nms_top_n_train": params.rpn_pre_nms_top_n,
+        "rpn_pre_nms_top_n_test": params.rpn_pre_nms_top_n,
+        "rpn_post_nms_top_n_train": params.rpn_post_nms_top_n,
+        "rpn_post_nms_top_n_test": params.rpn_post_nms_top_n,
+    }
+    if params.weights == "coco":
+        try:
+            model = maskrcnn_resnet50_fpn_v2(weights=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, **options)
+        except OSError as exc:  # URLError and other download failures
+            raise ResourceError(
+                f"COCO Mask R-CNN weights could not be downloaded ({type(exc).__name__}: {exc}); check the network, "
+                f"or set {PARAM}: none (random init) or the path of a local weights file"
+            ) from exc
+        box_in = model.roi_heads.box_predictor.cls_score.in_features
+        mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
+        model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
+        model.roi_heads.mask_predictor = MaskHead(mask_in, mask_in, num_classes)
+        _set_anchors(model, params)
+        return model
+    model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes, **options)
+    _set_anchors(model, params)
+    if params.weights != "none":
+        _load_local(model, Path(params.weights))
+    return model
+
+
+def _set_anchors(model: nn.Module, params: MaskRCNNParams) -> None:
+    """One anchor size per FPN level, every aspect ratio at each; new RPN logits if the anchors per location change."""
+    anchors = AnchorGenerator(
+        sizes=tuple((size,) for size in params.anchor_sizes),
+        aspect_ratios=(tuple(params.aspect_ratios),) * len(params.anchor_sizes),
+    )
+    model.rpn.anchor_generator = anchors
+    per_location = anchors.num_anchors_per_location()[0]
+    old = model.rpn.head
+    if old.cls_logits.out_channels != per_location:
+        head = RPNHead(old.cls_logits.in_channels, per_location, conv_depth=len(old.conv))
+        head.conv.load_state_dict(old.conv.state_dict())  # keep the (possibly pretrained) shared convolutions
+        model.rpn.head = head
+
+
+def _load_local(model: nn.Module, path: Path) -> None:
+    """Load a local state dict into ``model``; only predictor tensors may differ in shape (they stay random)."""
+    state = read_weights(path, PARAM, "'none', 'coco'")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ParamsError(
+            f"{PARAM}: {path} does not fit Mask R-CNN R50-FPN v2: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    reshaped = [k for k, v in state.items() if v.shape != own[k].shape]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped if not k.startswith(HEADS)]
+    if wrong:
+        raise ParamsError(
+            f"{PARAM}: {path} does not fit Mask R-CNN R50-FPN v2: {len(wrong)} shape mismatches {wrong[:3]}"
+        )
+    if reshaped:
+        log.info("%s: %d predictor tensors of another shape stay randomly initialised: %s", path, len(reshaped),
+                 reshaped)
+    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=not reshaped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def category_id(cell_type: str) -> int:
+    """The category id (1-based) of a cell type."""
+    if cell_type not in CELL_TYPES:
+        raise DataError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
+    return CELL_TYPES.index(cell_type) + 1
+
+
+def instance_target(labels: np.ndarray, category: int) -> dict[str, torch.Tensor]:
+    """Boxes (xyxy, exclusive max), labels and uint8 masks of the instances present in a label image."""
+    height, width = labels.shape
+    slices = ndimage.find_objects(labels)
+    present = [(i + 1, s) for i, s in enumerate(slices) if s is not None]
+    ids = np.array([i for i, _ in present], dtype=np.int64)
+    boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for _, s in present], dtype=np.float32)
+    index = np.zeros(len(slices) + 1, dtype=np.int64)  # label → mask index
+    index[ids] = np.arange(len(ids))
+    ys, xs = np.nonzero(labels)
+    masks = np.zeros((len(ids), height, width), dtype=np.uint8)
+    masks[index[labels[ys, xs]], ys, xs] = 1
+    return {
+        "boxes": torch.from_numpy(boxes.reshape(-1, 4)),
+        "labels": torch.full((len(ids),), category, dtype=torch.int64),
+        "masks": torch.from_numpy(masks),
+    }
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """A uint8 H×W grey image as the model's input: float32 3×H×W in [0, 1] (the model normalises)."""
+    grey = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).div_(255.0)
+    return grey.unsqueeze(0).repeat(3, 1, 1)
+
+
+class InstanceDataset(Dataset):
+    """Whole images (3×H×W in [0, 1], grey repeated; the model normalises) with their Mask R-CNN targets.
+
+    The augmentation moves image and label image together before the targets are built. In DataLoader
+    workers it is reseeded from the worker's seed on first use, as in :class:`cellseg.data.PatchDataset`.
+    """
+
+    def __init__(self, image_ids: Sequence[str], store: ImageStore, augment: A.Compose | None = None) -> None:
+        self.image_ids = list(image_ids)
+        self.categories = [category_id(store.cell_type(i)) for i in self.image_ids]  # fails now on unknown ids
+        self.store = store
+        self.augment = augment
+        self._seeded_worker: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image_id = self.image_ids[i]
+        image, labels = self.store.image(image_id), self.store.labels(image_id)
+        if self.augment is not None:
+            self._seed_worker()
+            out = self.augment(image=image, mask=labels)
+            image, labels = out["image"], out["mask"]
+        target = instance_target(np.ascontiguousarray(labels), self.categories[i])
+        return image_tensor(image), {**target, "image_id": image_id, "cell_type": self.store.cell_type(image_id)}
+
+    def _seed_worker(self) -> None:
+        info = get_worker_info()
+        if info is not None and self._seeded_worker != info.id:
+            self.augment.set_random_seed(info.seed % 2**32)
+            self._seeded_worker = info.id
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """(list of images, list of targets): detection models take lists of differently sized images."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Post-processing
+
+
+def _per_class(values: Mapping[str, float], names: Sequence[str], param: str, fill: float) -> torch.Tensor:
+    """A lookup table by category id (0 = background → ``fill``) of a per-cell-type parameter."""
+    table = [fill]
+    for name in names:
+        key = name if name in values else "default"
+        if key not in values:
+            raise ParamsError(f"{param}: no entry for cell type {name!r} and no 'default' in {dict(values)}")
+        table.append(float(values[key]))
+    return torch.tensor(table, dtype=torch.float64)
+
+
+def predict_instances(
+    output: Mapping[str, torch.Tensor], params: MaskRCNNParams, cell_type_names: Sequence[str] = CELL_TYPES
+) -> Instances:
+    """One image's Mask R-CNN output (``labels``, ``scores``, ``masks`` N×1×H×W) → non-overlapping instances.
+
+    Keeps detections scoring at least their class's ``score_threshold``, binarises the soft masks at
+    ``mask_threshold``, gives shared pixels to the higher score, drops instances smaller than their
+    class's ``min_size`` and labels the rest 1..n by decreasing score (:class:`~cellseg.inference.Instances`).
+    """
+    thresholds = _per_class(params.score_threshold, cell_type_names, "maskrcnn.score_threshold", float("inf"))
+    min_sizes = _per_class(params.min_size, cell_type_names, "maskrcnn.min_size", 0)
+    classes = output["labels"].detach().cpu().long()
+    scores = output["scores"].detach().cpu().float()
+    masks = output["masks"].detach()
+    if classes.numel() and (int(classes.min()) < 1 or int(classes.max()) > len(cell_type_names)):
+        raise DataError(f"predicted category ids {classes.unique().tolist()} outside 1..{len(cell_type_names)}")
+    keep = scores.double() >= thresholds[classes]
+    order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)[: int(keep.sum())]
+    binary = (masks[:, 0] > params.mask_threshold)[order.to(masks.device)].cpu().numpy()
+    classes, scores = classes[order].numpy(), scores[order].numpy()
+    labels, kept = remove_overlaps(binary, scores)
+    sizes = np.bincount(labels.ravel(), minlength=len(kept) + 1)[1:]
+    big = np.flatnonzero(sizes >= min_sizes.numpy()[classes[kept]])
+    lut = np.zeros(len(kept) + 1, dtype=np.uint16)
+    lut[big + 1] = np.arange(1, len(big) + 1)
+    kept = kept[big]
+    return Instances(labels=lut[labels], classes=classes[kept].astype(np.int64), scores=scores[kept].astype(np.float32))
+
+
+def target_labels(target: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """The uint16 label image of a target's non-overlapping masks (mask ``k`` → label ``k + 1``).
+
+    Each mask is read only inside its box (as :func:`instance_target` builds them): ~10 ms for 800 cells,
+    where a reduction over the N×H×W stack takes seconds.
+    """
+    masks = target["masks"].cpu().numpy()
+    labels = np.zeros(masks.shape[1:], dtype=np.uint16)
+    for k, (x0, y0, x1, y1) in enumerate(target["boxes"].cpu().numpy().astype(np.int64)):
+        window = labels[y0:y1, x0:x1]
+        window[masks[k, y0:y1, x0:x1] > 0] = k + 1
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+class MaskRCNNTask:
+    """How the shared trainer trains and validates Mask R-CNN (batches from :func:`collate`)."""
+
+    name = "maskrcnn"
+    monitor = "map"
+
+    def __init__(self, params: MaskRCNNParams) -> None:
+        self.params = params
+
+    def train_step(
+        self, model: nn.Module, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The summed loss plus each of torchvision's loss components."""
+        images, targets = batch
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [
+            {k: v.to(device, non_blocking=True) for k, v in target.items() if isinstance(v, torch.Tensor)}
+            for target in targets
+        ]
+        model.train()
+        losses = model(images, targets)
+        return {"loss": sum(losses.values()), **{k: v.detach() for k, v in losses.items()}}
+
+    def validate(
+        self, model: nn.Module, loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]]]], device: torch.device
+    ) -> dict[str, float]:
+        """Competition mAP (``map``, ``map/<cell type>``), mean instances per image and inference images/s."""
+        was_training = model.training
+        model.eval()
+        cuda = device.type == "cuda"
+        score = CompetitionScore()
+        n_pred, n_images, seconds = 0, 0, 0.0
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                for images, targets in loader:
+                    images = [image.to(device, non_blocking=True) for image in images]
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    began = time.perf_counter()
+                    outputs = model(images)
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    seconds += time.perf_counter() - began
+                    for output, target in zip(outputs, targets):
+                        instances = predict_instances(output, self.params)
+                        score.add(target_labels(target), instances.labels, group=target["cell_type"])
+                        n_pred += len(instances.scores)
+                        n_images += 1
+        finally:
+            model.train(was_training)
+        result = score.result()
+        metrics = {"map": result["score"]}
+        metrics.update({f"map/{k[len('score/'):]}": v for k, v in result.items() if k.startswith("score/")})
+        metrics["n_pred"] = n_pred / n_images
+        metrics["images_per_s"] = n_images / max(seconds, 1e-9)
+        return metrics
+
+
+class MaskRCNNPredictor:
+    """A trained Mask R-CNN as a :class:`cellseg.inference.Predictor`: whole images → classed instances."""
+
+    name = "maskrcnn"
+    gives_class = True
+
+    def __init__(self, model: nn.Module, params: MaskRCNNParams, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.params = params
+        self.device = device
+
+    def predict(self, images: Sequence[np.ndarray], cell_types: Sequence[str | None]) -> list[Instances]:
+        """Instances of each uint8 H×W image; ``cell_types`` is unused (the model predicts each cell's type)."""
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
+            outputs = self.model([image_tensor(image).to(self.device) for image in images])
+            return [predict_instances(output, self.params) for output in outputs]

@@ -1,0 +1,98 @@
+"""``cellseg predict``: segment new images (no annotations needed) with a trained checkpoint.
+
+Writes, in one directory (created atomically; an existing non-empty one is only replaced with
+``overwrite``): ``labels/<stem>.png`` (uint16 instance labels), ``predictions.json`` (COCO results with
+class and score per instance, plus the image list) and ``submission.csv`` in the Kaggle format (``id,predicted``:
+one row per instance, competition RLE, masks non-overlapping; an image with no instance gets one row with
+an empty prediction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from cellseg import rle
+from cellseg.errors import DataError
+from cellseg.inference import coco_results, load_predictor
+from cellseg.io import atomic_path, read_gray, write_json, write_png
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """The image files named, or found (sorted) in the directories named; stems must be unique."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise DataError(f"{item}: no such image file or directory")
+    if not paths:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    stems = pd.Series([p.stem for p in paths])
+    if stems.duplicated().any():
+        raise DataError(f"two input images share the id {stems[stems.duplicated()].iloc[0]!r}; ids are file stems")
+    return paths
+
+
+def submission_rows(image_id: str, labels: np.ndarray) -> list[dict[str, str]]:
+    """Kaggle submission rows for one image: one per instance, or one empty row when there is none."""
+    n = int(labels.max())
+    if n == 0:
+        return [{"id": image_id, "predicted": ""}]
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(1, n + 2))
+    rows = [
+        {"id": image_id, "predicted": rle.encode_pixels(order[bounds[k] : bounds[k + 1]])}  # stable sort: ascending
+        for k in range(n)
+        if bounds[k + 1] > bounds[k]
+    ]
+    return rows or [{"id": image_id, "predicted": ""}]
+
+
+def predict_images(
+    checkpoint: Path,
+    inputs: Sequence[str | Path],
+    out: Path,
+    *,
+    overwrite: bool = False,
+    batch_size: int = 4,
+    device: torch.device,
+    cell_type: str | None = None,
+) -> dict[str, int]:
+    """Segment every input image and write the outputs described in the module docstring."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    paths = find_images(inputs)
+    predictor = load_predictor(checkpoint, device)
+    images_meta, results, rows = [], [], []
+    with atomic_path(out, directory=True) as tmp:
+        (tmp / "labels").mkdir()
+        for first in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
+            batch = paths[first : first + batch_size]
+            images = [read_gray(p) for p in batch]
+            for number, path, image, found in zip(
+                range(first + 1, first + len(batch) + 1), batch, images, predictor.predict(images, [cell_type] * len(batch))
+            ):
+                write_png(tmp / "labels" / f"{path.stem}.png", found.labels)
+                images_meta.append({"id": number, "file_name": str(path), "image_key": path.stem,
+                                    "height": image.shape[0], "width": image.shape[1]})
+                results += coco_results(found, number, class_agnostic=not predictor.gives_class)
+                rows += submission_rows(path.stem, found.labels)
+        write_json(tmp / "predictions.json", {"model": predictor.name, "images": images_meta, "annotations": results})
+        pd.DataFrame(rows, columns=["id", "predicted"]).to_csv(tmp / "submission.csv", index=False)
+    log.info("predicted %d instances in %d images into %s", len(results), len(paths), out)
+    return {"images": len(paths), "instances": len(results)}

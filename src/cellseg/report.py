@@ -1,0 +1,138 @@
+"""The evaluation's figures and ``reports/compare.md``: the models side by side, per cell type, with plots and params."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cellseg.data import ImageStore
+from cellseg.evaluate import ModelEvaluation
+from cellseg.io import atomic_path
+from cellseg.plots import bars_by_cell_type, compare_curves, overlay, score_vs_threshold
+from cellseg.sources import CELL_TYPES
+
+DISPLAY = {"unet": "U-Net (EfficientNet-B0)", "maskrcnn": "Mask R-CNN (R50-FPN v2)"}
+COLUMNS = (
+    ("n_pred", "cells found"),
+    ("map", "mAP@.5:.95 (competition)"),
+    ("coco_segm_AP", "COCO mask AP"),
+    ("iou", "pixel IoU"),
+    ("dice", "Dice"),
+)
+
+
+def _value(metrics: Mapping[str, float], key: str, group: str) -> float | None:
+    return metrics.get(key if group == "all" else f"{key}/{group}")
+
+
+def _fmt(value: float | None, key: str) -> str:
+    if value is None or value != value:
+        return "–"
+    return f"{value:.0f}" if key.startswith("n_") else f"{value:.3f}"
+
+
+def comparison_table(evaluations: Sequence[ModelEvaluation], groups: Sequence[str]) -> str:
+    """A Markdown table: per cell type, one row per model, one column per metric."""
+    header = ["cell type", "cells (truth)", "model", *(title for _, title in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in groups:
+        truth = _fmt(_value(evaluations[0].metrics, "n_true", group), "n_true")
+        for e in evaluations:
+            row = [group, truth, DISPLAY.get(e.name, e.name), *(_fmt(_value(e.metrics, k, group), k) for k, _ in COLUMNS)]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def strengths(evaluations: Sequence[ModelEvaluation], groups: Sequence[str]) -> list[str]:
+    """One sentence per cell type naming the better model by the competition mAP, with the margin."""
+    sentences = []
+    for group in groups:
+        scored = sorted(
+            ((_value(e.metrics, "map", group) or 0.0, DISPLAY.get(e.name, e.name)) for e in evaluations), reverse=True
+        )
+        if len(scored) > 1:
+            (best, name), (second, other) = scored[0], scored[1]
+            sentences.append(f"- **{group}**: {name} leads with mAP {best:.3f} against {second:.3f} ({other}).")
+    return sentences
+
+
+def write_plots(
+    evaluations: Sequence[ModelEvaluation],
+    store: ImageStore,
+    image_ids: Sequence[str],
+    histories: Mapping[str, Sequence[dict[str, float]]],
+    plots_dir: Path,
+) -> dict[str, Path]:
+    """Every evaluation figure as PNG (plus score(t) as CSV for ``dvc plots``); returns caption → path."""
+    types = sorted({store.cell_type(i) for i in image_ids})
+    plots = {
+        "Training curves (validation)": plots_dir / "curves.png",
+        "Competition mAP per cell type": plots_dir / "map_by_cell_type.png",
+        "score(t) against the IoU threshold": plots_dir / "score_vs_threshold.png",
+    }
+    compare_curves(histories, plots["Training curves (validation)"])
+    bars_by_cell_type({e.name: {t: e.metrics[f"map/{t}"] for t in types} for e in evaluations}, plots["Competition mAP per cell type"], "mAP")
+    score_vs_threshold({e.name: e.per_threshold["all"] for e in evaluations}, plots["score(t) against the IoU threshold"])
+    table = pd.DataFrame({e.name: e.per_threshold["all"] for e in evaluations}).rename_axis("threshold").reset_index()
+    with atomic_path(plots_dir / "score_vs_threshold.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    for cell_type in types:
+        image_id = next(i for i in image_ids if store.cell_type(i) == cell_type)
+        for e in evaluations:
+            found = e.predictions[image_id]
+            names = None
+            if any(found.classes):  # a model that names cell types: type and confidence at each cell
+                names = [f"{CELL_TYPES[c - 1] if c else 'cell'} {s:.2f}" for c, s in zip(found.classes, found.scores)]
+            caption = f"Overlay: {DISPLAY.get(e.name, e.name)} on a {cell_type} image"
+            plots[caption] = plots_dir / f"overlay_{e.name}_{cell_type}.png"
+            overlay(store.image(image_id), found.labels, plots[caption], f"{e.name} · {cell_type} · {image_id}", names)
+    return plots
+
+
+def write_report(
+    path: Path,
+    evaluations: Sequence[ModelEvaluation],
+    store: ImageStore,
+    image_ids: Sequence[str],
+    plots: Mapping[str, Path],
+    params: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Write the comparison report; ``plots`` maps a caption to a PNG path, ``params`` a model to its params."""
+    groups = ["all", *sorted({store.cell_type(i) for i in image_ids})]
+    lines = [
+        "# Model comparison",
+        "",
+        f"Validation split: {len(image_ids)} whole images. mAP is the competition metric (mean over IoU thresholds "
+        "0.50:0.95 of TP/(TP+FP+FN), averaged over images); COCO mask AP comes from pycocotools (up to 1000 "
+        "detections per image; class-agnostic for the U-Net, which gives no cell type); IoU and Dice are of the "
+        "foreground pixels.",
+        "",
+        comparison_table(evaluations, groups),
+        "",
+        "## What each is good at",
+        "",
+        *strengths(evaluations, groups),
+        "- The U-Net labels pixels (background / interior / boundary) and splits touching cells by watershed: it "
+        "gives no cell type and its confidence is the mean foreground probability of each cell.",
+        "- Mask R-CNN detects each cell with its own mask, cell type and confidence (shown on the overlays); "
+        "overlapping masks are resolved in favour of the more confident cell.",
+    ]
+    for e in evaluations:
+        line = f"- {DISPLAY.get(e.name, e.name)}: inference at {e.metrics['images_per_s']:.1f} images/s on this machine"
+        if e.metrics.get("type_accuracy", float("nan")) == e.metrics.get("type_accuracy"):  # present and not NaN
+            line += f"; it names the image's cell type for {100 * e.metrics['type_accuracy']:.1f}% of the cells it finds"
+        lines.append(line + ".")
+    lines += ["", "## Plots", ""]
+    for caption, plot in plots.items():
+        lines += [f"### {caption}", "", f"![{caption}]({Path(os.path.relpath(plot, path.parent)).as_posix()})", ""]
+    lines += ["## Params that produced them", ""]
+    for name, values in params.items():
+        lines += [f"### {DISPLAY.get(name, name)}", "", "| param | value |", "|---|---|"]
+        lines += [f"| `{key}` | `{value}` |" for key, value in values.items()]
+        lines.append("")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,338 @@
+"""Mask R-CNN: construction and weights, a training step, instances from outputs, the dataset and validation (CPU)."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cellseg.checkpoint import save_checkpoint
+from cellseg.config import MaskRCNNParams
+from cellseg.data import ImageStore, build_augmentations
+from cellseg.decode import IMAGES_TABLE, decode_dataset
+from cellseg.errors import ParamsError, ResourceError
+from cellseg.inference import load_predictor
+from cellseg.models.maskrcnn import (
+    InstanceDataset,
+    MaskRCNNTask,
+    build_maskrcnn,
+    collate,
+    instance_target,
+    predict_instances,
+    target_labels,
+)
+from cellseg.sources import CELL_TYPES, load_source
+from cellseg.sources.synthetic import synthesize
+
+CPU = torch.device("cpu")
+# Small enough for CPU: images are resized to about 65×88 and few proposals/detections are kept.
+TINY = {
+    "image_scale": 0.125,
+    "detections_per_img": 20,
+    "rpn_pre_nms_top_n": 200,
+    "rpn_post_nms_top_n": 100,
+    "box_batch_size_per_image": 8,
+}
+LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def tiny_params(**overrides: object) -> MaskRCNNParams:
+    return MaskRCNNParams(**{**TINY, **overrides})
+
+
+def tiny_batch(n_images: int = 1, height: int = 64, width: int = 96) -> tuple[list[torch.Tensor], list[dict]]:
+    """Bright rectangles (2-3 cells per image) on a dark, slightly noisy background."""
+    rng = np.random.default_rng(0)
+    images, targets = [], []
+    for k in range(n_images):
+        labels = np.zeros((height, width), dtype=np.uint16)
+        labels[8:24, 10:30] = 1
+        labels[30:50, 40:60] = 2
+        if k % 2 == 0:
+            labels[40:60, 70:90] = 3
+        image = np.where(labels > 0, 0.8, 0.2) + rng.normal(0, 0.02, labels.shape)
+        images.append(torch.from_numpy(image.astype(np.float32)).clamp(0, 1).expand(3, -1, -1).contiguous())
+        targets.append({**instance_target(labels, 1 + k % 3), "image_id": f"img{k}", "cell_type": CELL_TYPES[k % 3]})
+    return images, targets
+
+
+def fake_output(masks: list[np.ndarray], classes: list[int], scores: list[float]) -> dict[str, torch.Tensor]:
+    """A Mask R-CNN output dict for hand-made soft masks."""
+    return {
+        "boxes": torch.zeros(len(masks), 4),
+        "labels": torch.tensor(classes, dtype=torch.int64),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "masks": torch.from_numpy(np.stack(masks).astype(np.float32))[:, None],
+    }
+
+
+def box(shape: tuple[int, int], rows: slice, cols: slice, value: float = 0.9) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.float32)
+    mask[rows, cols] = value
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_step_losses_gradients_and_update() -> None:
+    torch.manual_seed(0)
+    model = build_maskrcnn(tiny_params())
+    stats = MaskRCNNTask(tiny_params()).train_step(model, tiny_batch(2), CPU)
+    assert set(stats) == {"loss", *LOSSES}
+    assert all(torch.isfinite(v) for v in stats.values())
+    torch.testing.assert_close(stats["loss"].detach(), sum(stats[k] for k in LOSSES))
+    stats["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    assert not torch.equal(before, model.roi_heads.box_predictor.cls_score.weight)
+
+
+def test_fixed_batch_loss_decreases() -> None:
+    torch.manual_seed(0)
+    model = build_maskrcnn(tiny_params())
+    task, batch = MaskRCNNTask(tiny_params()), tiny_batch(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(5):
+        loss = task.train_step(model, batch, CPU)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# Instances from outputs
+
+
+def test_eval_predictions_give_consistent_instances() -> None:
+    torch.manual_seed(0)
+    params = tiny_params(score_threshold={t: 0.0 for t in CELL_TYPES}, min_size={t: 0 for t in CELL_TYPES})
+    model = build_maskrcnn(params).eval()
+    images, _ = tiny_batch(1)
+    with torch.inference_mode():
+        (output,) = model(images)
+    assert output["masks"].shape[1:] == (1, 64, 96)
+    instances = predict_instances(output, params)
+    n = len(instances.scores)
+    assert instances.labels.dtype == np.uint16 and instances.labels.shape == (64, 96)
+    assert n > 0 and set(np.unique(instances.labels)) == set(range(n + 1))  # labels 1..n, each non-empty
+    assert set(instances.classes.tolist()) <= {1, 2, 3} and len(instances.classes) == n
+    assert np.all((instances.scores >= 0) & (instances.scores <= 1)) and np.all(np.diff(instances.scores) <= 0)
+    assert set(instances.scores.tolist()) <= set(output["scores"].tolist())
+
+
+def test_overlap_goes_to_the_higher_score() -> None:
+    shape = (20, 30)
+    low = box(shape, slice(2, 12), slice(2, 16))
+    high = box(shape, slice(6, 18), slice(10, 26))
+    params = tiny_params(min_size={t: 1 for t in CELL_TYPES}, score_threshold={t: 0.1 for t in CELL_TYPES})
+    instances = predict_instances(fake_output([low, high], [1, 1], [0.6, 0.9]), params)
+    np.testing.assert_array_equal(instances.scores, np.array([0.9, 0.6], dtype=np.float32))
+    np.testing.assert_array_equal(instances.labels == 1, high > 0.5)  # the overlap belongs to the 0.9 mask
+    np.testing.assert_array_equal(instances.labels == 2, (low > 0.5) & ~(high > 0.5))
+
+
+def test_mask_threshold_and_per_class_min_size() -> None:
+    shape = (20, 30)
+    soft = box(shape, slice(0, 10), slice(0, 10), value=0.4)  # below mask_threshold 0.5: empty, dropped
+    small = box(shape, slice(12, 15), slice(0, 3))  # 9 px
+    params = tiny_params(min_size={"shsy5y": 5, "astro": 10, "cort": 5}, score_threshold={t: 0.1 for t in CELL_TYPES})
+    kept = predict_instances(fake_output([soft, small], [1, 1], [0.9, 0.8]), params)
+    assert kept.classes.tolist() == [1] and int((kept.labels == 1).sum()) == 9
+    dropped = predict_instances(fake_output([soft, small], [1, 2], [0.9, 0.8]), params)  # astro needs 10 px
+    assert len(dropped.scores) == 0 and not dropped.labels.any()
+
+
+def test_per_class_score_threshold() -> None:
+    shape = (20, 30)
+    masks = [box(shape, slice(0, 8), slice(0, 8)), box(shape, slice(10, 18), slice(10, 18))]
+    thresholds = {"shsy5y": 0.3, "astro": 0.6, "cort": 0.5}
+    params = tiny_params(score_threshold=thresholds, min_size={t: 1 for t in CELL_TYPES})
+    instances = predict_instances(fake_output(masks, [2, 1], [0.45, 0.45]), params)
+    assert instances.classes.tolist() == [1]  # astro at 0.45 < 0.6 dropped, shsy5y at 0.45 >= 0.3 kept
+    np.testing.assert_array_equal(instances.labels == 1, masks[1] > 0.5)
+
+
+def test_missing_per_class_entry_is_named() -> None:
+    params = tiny_params(score_threshold={"shsy5y": 0.3})
+    with pytest.raises(ParamsError, match="maskrcnn.score_threshold"):
+        predict_instances(fake_output([box((4, 4), slice(0, 2), slice(0, 2))], [1], [0.9]), params)
+
+
+def test_empty_output() -> None:
+    output = {"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 8, 9)}
+    instances = predict_instances(output, tiny_params())
+    assert instances.labels.shape == (8, 9) and not instances.labels.any() and len(instances.classes) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights
+
+
+def test_random_init_has_the_configured_anchors_and_classes() -> None:
+    model = build_maskrcnn(tiny_params(aspect_ratios=[0.5, 1.0, 2.0, 3.0]))
+    assert model.rpn.head.cls_logits.out_channels == 4
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    assert model.transform.min_size == (65,) and model.transform.max_size == 88
+
+
+@pytest.fixture(scope="module")
+def tiny_state() -> dict[str, torch.Tensor]:
+    """The state dict of a freshly built tiny model."""
+    return build_maskrcnn(tiny_params()).state_dict()
+
+
+@pytest.mark.parametrize("wrap", [None, "model_state", "state_dict"])
+def test_local_file_loads(tmp_path: Path, tiny_state: dict[str, torch.Tensor], wrap: str | None) -> None:
+    key = "roi_heads.box_predictor.cls_score.bias"
+    state = {k: v.clone() for k, v in tiny_state.items()}
+    state[key].fill_(0.125)
+    torch.save(state if wrap is None else {"model": "maskrcnn", wrap: state, "epoch": 3}, tmp_path / "w.pt")
+    model = build_maskrcnn(tiny_params(weights=str(tmp_path / "w.pt")))
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_coco_class_count_file_keeps_all_but_the_predictors(tmp_path: Path) -> None:
+    coco = build_maskrcnn(tiny_params(aspect_ratios=[0.5, 1.0, 2.0]), num_classes=91)  # COCO's shapes
+    torch.save(coco.state_dict(), tmp_path / "coco.pt")
+    model = build_maskrcnn(tiny_params(weights=str(tmp_path / "coco.pt")))  # 5 aspect ratios, 4 classes
+    own = model.state_dict()
+    for key, value in coco.state_dict().items():
+        assert torch.equal(own[key], value) == (own[key].shape == value.shape), key
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    assert torch.equal(own["rpn.head.conv.0.0.weight"], coco.state_dict()["rpn.head.conv.0.0.weight"])
+
+
+def test_cellseg_checkpoint_as_weights_and_predictor(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> None:
+    params = tiny_params(score_threshold={t: 0.0 for t in CELL_TYPES})
+    save_checkpoint(tmp_path / "best.pt", "maskrcnn", {"model_params": params.model_dump(), "model_state": tiny_state})
+    model = build_maskrcnn(tiny_params(weights=str(tmp_path / "best.pt")))
+    assert all(torch.equal(v, tiny_state[k]) for k, v in model.state_dict().items())
+    predictor = load_predictor(tmp_path / "best.pt", CPU)
+    assert predictor.name == "maskrcnn" and predictor.gives_class
+    image = np.random.default_rng(0).integers(0, 256, (64, 96), dtype=np.uint8)
+    (instances,) = predictor.predict([image], [None])
+    assert instances.labels.shape == (64, 96) and instances.labels.dtype == np.uint16
+    assert len(instances) == int(instances.labels.max()) and set(instances.classes.tolist()) <= {1, 2, 3}
+
+
+def test_foreign_state_dict_is_refused(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> None:
+    state = dict(tiny_state)
+    state["backbone.body.conv1.weight"] = torch.zeros(1)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "foreign.pt")
+    with pytest.raises(ParamsError, match=r"maskrcnn\.weights.*1 unexpected keys \['extra\.weight'\]"):
+        build_maskrcnn(tiny_params(weights=str(tmp_path / "foreign.pt")))
+    del state["extra.weight"]
+    torch.save(state, tmp_path / "foreign.pt")
+    with pytest.raises(ParamsError, match=r"shape mismatches \['backbone\.body\.conv1\.weight"):
+        build_maskrcnn(tiny_params(weights=str(tmp_path / "foreign.pt")))
+
+
+def test_missing_and_garbage_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"maskrcnn\.weights.*nowhere\.pt"):
+        build_maskrcnn(tiny_params(weights=str(tmp_path / "nowhere.pt")))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint\xff" * 10)
+    with pytest.raises(ParamsError, match=r"maskrcnn\.weights.*garbage\.pt"):
+        build_maskrcnn(tiny_params(weights=str(garbage)))
+
+
+def test_coco_offline_raises_resource_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    try:
+        build_maskrcnn(tiny_params(weights="coco"))
+    except ResourceError as exc:
+        assert "maskrcnn.weights: none" in str(exc)
+    else:
+        pytest.skip("COCO weights are in the local cache: nothing failed to download")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data and validation
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
+    """3 decoded synthetic images (one per cell type) in memory."""
+    root = tmp_path_factory.mktemp("maskrcnn")
+    synthesize(root / "raw", 3, 0)
+    decode_dataset(load_source("synthetic", root / "raw"), root / "decoded")
+    ids = pd.read_parquet(root / "decoded" / IMAGES_TABLE)["image_id"].tolist()
+    return ImageStore(root / "raw", root / "decoded", ids)
+
+
+def check_item(image: torch.Tensor, target: dict, labels: np.ndarray) -> None:
+    """The target fits ``labels`` (the label image the item was built from)."""
+    height, width = labels.shape
+    ids = np.unique(labels[labels > 0])
+    assert image.shape == (3, height, width) and image.dtype == torch.float32
+    assert 0 <= float(image.min()) and float(image.max()) <= 1 and torch.equal(image[0], image[2])
+    boxes, masks = target["boxes"].numpy(), target["masks"].numpy()
+    assert boxes.shape == (len(ids), 4) and masks.shape == (len(ids), height, width) and masks.dtype == np.uint8
+    assert target["labels"].dtype == torch.int64 and len(target["labels"]) == len(ids)
+    assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2] <= width) and np.all(boxes[:, 3] <= height)
+    assert np.all(boxes[:, 2:] > boxes[:, :2])
+    for mask, (x0, y0, x1, y1), label in zip(masks, boxes.astype(int), ids):
+        np.testing.assert_array_equal(mask.astype(bool), labels == label)
+        rows, cols = np.nonzero(mask)
+        assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (y0, x0, y1, x1)
+
+
+def test_instance_dataset_targets_match_labels(store: ImageStore) -> None:
+    dataset = InstanceDataset(store.image_ids, store)
+    for i, image_id in enumerate(store.image_ids):
+        image, target = dataset[i]
+        check_item(image, target, store.labels(image_id))
+        assert target["image_id"] == image_id and target["cell_type"] == store.cell_type(image_id)
+        assert set(target["labels"].tolist()) == {CELL_TYPES.index(store.cell_type(image_id)) + 1}
+        assert np.array_equal(target_labels(target) > 0, store.labels(image_id) > 0)
+
+
+def test_instance_dataset_augmentation_moves_targets_with_image(store: ImageStore) -> None:
+    augment = build_augmentations(["hflip", "vflip", "rotate90"], seed=3)
+    dataset = InstanceDataset(store.image_ids[:1], store, augment)
+    labels = store.labels(store.image_ids[0])
+    seen = set()
+    for _ in range(8):
+        image, target = dataset[0]
+        rebuilt = target_labels(target)
+        check_item(image, target, rebuilt)  # boxes fit the augmented masks
+        assert rebuilt.shape in {labels.shape, labels.shape[::-1]}
+        assert len(target["boxes"]) == len(np.unique(labels[labels > 0]))
+        seen.add((rebuilt.shape, image[0, :3, :3].sum().item()))
+    assert len(seen) > 1  # some draw did transform
+
+
+def test_empty_label_image_gives_empty_target() -> None:
+    target = instance_target(np.zeros((6, 7), dtype=np.uint16), 2)
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 6, 7) and target["labels"].shape == (0,)
+
+
+def test_validate_reports_documented_keys(store: ImageStore) -> None:
+    torch.manual_seed(0)
+    params = tiny_params(image_scale=0.25)
+    model = build_maskrcnn(params)
+    loader = DataLoader(InstanceDataset(store.image_ids[:2], store), batch_size=2, collate_fn=collate)
+    metrics = MaskRCNNTask(params).validate(model, loader, CPU)
+    types = {f"map/{store.cell_type(i)}" for i in store.image_ids[:2]}
+    assert set(metrics) == {"map", "n_pred", "images_per_s", *types}
+    assert all(0 <= metrics[k] <= 1 for k in ("map", *types))
+    assert 0 <= metrics["n_pred"] <= params.detections_per_img and metrics["images_per_s"] > 0
+    assert model.training  # validate restores the mode it found

@@ -1,0 +1,104 @@
+"""``cellseg predict``: outputs, the Kaggle submission format, errors and overwrite protection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cellseg import rle
+from cellseg.checkpoint import save_checkpoint
+from cellseg.config import UNetParams
+from cellseg.errors import DataError
+from cellseg.io import read_labels
+from cellseg.models.unet import build_unet
+from cellseg.predict import predict_images, submission_rows
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    params = UNetParams(encoder="resnet18", min_size={"shsy5y": 5, "astro": 5, "cort": 5}, marker_threshold=0.3)
+    torch.manual_seed(0)
+    model = build_unet(encoder="resnet18", classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(path, "unet", {"model_params": params.model_dump(), "model_state": model.state_dict(), "epoch": 1})
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (64, 96), dtype=np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_submission_rows_are_exact_and_complete() -> None:
+    labels = np.zeros((4, 5), dtype=np.uint16)
+    labels[0, 1:3] = 1
+    labels[1, 4] = labels[2, 0] = 3  # label 2 absent: no row for it
+    rows = submission_rows("img", labels)
+    assert rows == [{"id": "img", "predicted": "2 2"}, {"id": "img", "predicted": "10 2"}]
+    assert submission_rows("empty", np.zeros((3, 3), np.uint16)) == [{"id": "empty", "predicted": ""}]
+
+
+def test_predict_writes_labels_coco_and_submission(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = predict_images(checkpoint, [images], out, device=CPU, batch_size=2)
+    assert summary["images"] == 3
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["a.png", "b.png", "c.png"]
+    submission = pd.read_csv(out / "submission.csv", keep_default_na=False)
+    assert list(submission.columns) == ["id", "predicted"] and set(submission["id"]) == {"a", "b", "c"}
+    coco = json.loads((out / "predictions.json").read_text())
+    assert coco["model"] == "unet" and len(coco["images"]) == 3
+    assert len(coco["annotations"]) == summary["instances"]
+    for image_id, rows in submission.groupby("id"):
+        labels = read_labels(out / "labels" / f"{image_id}.png")
+        masks = [rle.decode(p, labels.shape) for p in rows["predicted"] if p]
+        assert len(masks) == int(labels.max())
+        if masks:
+            assert np.stack(masks).sum(axis=0).max() == 1  # non-overlapping
+            assert np.array_equal(np.stack(masks).any(axis=0), labels > 0)
+
+
+def test_existing_output_is_kept_unless_overwrite(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(DataError, match="already exists and is not empty; pass --overwrite"):
+        predict_images(checkpoint, [images], out, device=CPU)
+    assert (out / "mine.txt").read_text() == "keep me"
+    predict_images(checkpoint, [images / "a.png"], out, device=CPU, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["labels", "predictions.json", "submission.csv"]
+
+
+def test_unreadable_image_is_a_clear_error_and_writes_nothing(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    (images / "b.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "cellseg.cli", "predict", "--model", str(checkpoint), str(images), "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {images / 'b.png'}: not a readable image")
+    assert not out.exists()
+
+
+def test_a_foreign_checkpoint_is_refused(images: Path, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    with pytest.raises(DataError, match="not a cellseg checkpoint"):
+        predict_images(bogus, [images], tmp_path / "out", device=CPU)
+    with pytest.raises(DataError, match="no such image file or directory"):
+        predict_images(bogus, [tmp_path / "nowhere"], tmp_path / "out", device=CPU)

@@ -1,0 +1,361 @@
+"""The shared trainer (:mod:`cellseg.train`) and its checkpoints, on CPU with synthetic data and a tiny network.
+
+Torch runs on one thread here: on a shared 2-core machine two intra-op threads make the tiny network's
+backward pass ~30× slower, and one thread makes every run bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from cellseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from cellseg.config import TrainParams
+from cellseg.data import PatchDataset, WholeImageDataset
+from cellseg.errors import DataError, TrainingError
+from cellseg.models.unet import UNetTask, build_unet
+from cellseg.tracking import Tracker, open_tracker, run_record
+from cellseg.train import fit, train_tracked, warmup_cosine
+from helpers.fit_job import TinyNet, config, datasets, make_data, new_model
+
+HELPER = Path(__file__).parent / "helpers" / "fit_job.py"
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("train/samples_per_s", "epoch_time_s")  # wall-clock columns: differ between any two runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 synthetic images, decoded, with a 64-pixel patch index of the first two."""
+    return make_data(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="module")
+def sets(data_root: Path) -> tuple[PatchDataset, WholeImageDataset]:
+    return datasets(data_root)
+
+
+def run_fit(
+    sets: tuple[PatchDataset, WholeImageDataset],
+    out: Path,
+    cfg: TrainParams,
+    task: UNetTask | None = None,
+    tracker: Tracker | None = None,
+) -> list[dict[str, float]]:
+    """``fit`` a fresh seeded :class:`TinyNet` into ``out/models`` and ``out/epochs.csv``."""
+    return fit(
+        new_model(), task or UNetTask(), *sets, cfg, out / "models", out / "epochs.csv", tracker or Tracker(),
+        val_collate_fn=WholeImageDataset.collate,
+    )
+
+
+def stable(rows: Iterable[dict[str, float]]) -> list[dict[str, float]]:
+    """History rows without their wall-clock columns."""
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_best_is_argmax(models: Path, history: list[dict[str, float]], monitor: str = "val/dice") -> None:
+    """best.pt holds the first epoch with the highest monitored value (improvement is strict)."""
+    best = load_checkpoint(models / "best.pt", "unet")
+    values = [row[monitor] for row in history]
+    assert best["epoch"] == int(np.argmax(values)) + 1
+    assert best["best"] == max(values)
+
+
+class Interrupted(Exception):
+    """Stands for a crash in the middle of an epoch."""
+
+
+class InterruptAt(UNetTask):
+    """:class:`UNetTask` that fails in the validation of epoch ``epoch`` (after that epoch's training)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch, self.calls = epoch, 0
+
+    def validate(self, model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
+        self.calls += 1
+        if self.calls == self.epoch:
+            raise Interrupted
+        return super().validate(model, loader, device)
+
+
+class NaNTask(UNetTask):
+    """:class:`UNetTask` whose loss is NaN."""
+
+    def train_step(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        stats = super().train_step(model, batch, device)
+        return {**stats, "loss": stats["loss"] * math.nan}
+
+
+def test_warmup_cosine() -> None:
+    factor = warmup_cosine(total_steps=20, warmup_steps=4)
+    assert [factor(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    decay = [factor(s) for s in range(4, 21)]
+    assert decay[0] == pytest.approx(1.0) and decay[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert factor(12) == pytest.approx(0.5)  # half-way through the decay
+    assert factor(25) == pytest.approx(0.0, abs=1e-12)  # stays at 0 past the end
+    assert warmup_cosine(10, 0)(0) == pytest.approx(1.0)  # no warm-up: starts at the peak
+
+
+def test_training_steps_lower_the_loss(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
+    """A U-Net (resnet18 encoder) trained on one fixed batch of patches: the loss goes down."""
+    torch.manual_seed(0)
+    model, task, device = build_unet(encoder="resnet18"), UNetTask(), torch.device("cpu")
+    batch = default_collate([sets[0][i] for i in range(4)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.no_grad():
+        before = float(task.train_step(model, batch, device)["loss"])
+    for _ in range(3):
+        loss = task.train_step(model, batch, device)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(task.train_step(model, batch, device)["loss"])
+    assert math.isfinite(before) and after < before
+
+
+def test_fit_writes_metrics_and_checkpoints(sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path) -> None:
+    history = run_fit(sets, tmp_path, config(epochs=2))
+    rows = read_csv(tmp_path / "epochs.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    for split in ("train", "val"):
+        for metric in ("loss", "iou", "dice"):
+            values = [float(row[f"{split}/{metric}"]) for row in rows]
+            assert values == pytest.approx([h[f"{split}/{metric}"] for h in history])
+            assert all(map(math.isfinite, values))
+    last = load_checkpoint(tmp_path / "models" / "last.pt", "unet")
+    assert last["epoch"] == 2 and stable(last["history"]) == stable(history)
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+    TinyNet().load_state_dict(last["model_state"])
+    assert_best_is_argmax(tmp_path / "models", history)
+
+
+@pytest.fixture(scope="module")
+def straight_run(sets: tuple[PatchDataset, WholeImageDataset], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run A: 3 epochs without interruption."""
+    out = tmp_path_factory.mktemp("run_a")
+    run_fit(sets, out, config(epochs=3))
+    return out
+
+
+def test_resume_after_a_crash_matches_a_straight_run(
+    sets: tuple[PatchDataset, WholeImageDataset], straight_run: Path, tmp_path: Path
+) -> None:
+    """Run B plans 3 epochs like A, crashes during epoch 3 (after its training, before its checkpoint) and
+    is resumed: on one CPU thread with workers 0 the same operations run on the same restored state (weights,
+    AdamW moments, LR schedule, RNG, data order), so B reproduces A to float32 rounding noise. The tolerance
+    (1e-6 relative) only admits last-bit differences; an epoch changes the weights by far more (checked)."""
+    with pytest.raises(Interrupted):
+        run_fit(sets, tmp_path, config(epochs=3), task=InterruptAt(3))
+    at_two = load_checkpoint(tmp_path / "models" / "last.pt", "unet")
+    assert at_two["epoch"] == 2
+    history = run_fit(sets, tmp_path, config(epochs=3, resume=True))
+
+    a_last = load_checkpoint(straight_run / "models" / "last.pt", "unet")
+    b_last = load_checkpoint(tmp_path / "models" / "last.pt", "unet")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    for row, straight in zip(stable(history), stable(a_last["history"]), strict=True):
+        assert row == pytest.approx(straight, rel=1e-6)
+    assert [row["epoch"] for row in read_csv(tmp_path / "epochs.csv")] == ["1", "2", "3"]
+    for key, weights in a_last["model_state"].items():
+        torch.testing.assert_close(b_last["model_state"][key], weights, rtol=1e-6, atol=1e-7)
+    changed = max((a_last["model_state"][k] - v).abs().max() for k, v in at_two["model_state"].items())
+    assert changed > 1e-4
+    assert_best_is_argmax(tmp_path / "models", history)
+
+
+def test_resume_with_more_epochs_continues_the_history(
+    sets: tuple[PatchDataset, WholeImageDataset], straight_run: Path, tmp_path: Path
+) -> None:
+    """Run B trains 2 epochs (epochs=2), then resumes with epochs=3. The history continues without a lost or
+    repeated epoch, but B does not reproduce A: the LR schedule (warm-up + cosine) is planned from
+    ``epochs``, so B's first run decays to 0 at the end of epoch 2 while A's LR is still well above 0, and
+    the resumed run re-plans it for 3 epochs (with tracking on, ``train.unet.epochs`` is a logged param and
+    resuming the MLflow run with a changed value is refused). Only epoch 1 (warm-up and early decay steps
+    with identical LR factors) matches A's training statistics."""
+    first = run_fit(sets, tmp_path, config(epochs=2))
+    history = run_fit(sets, tmp_path, config(epochs=3, resume=True))
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert stable(history[:2]) == stable(first)
+    assert [row["epoch"] for row in read_csv(tmp_path / "epochs.csv")] == ["1", "2", "3"]
+    a = load_checkpoint(straight_run / "models" / "last.pt", "unet")["history"]
+    assert history[0]["train/loss"] == a[0]["train/loss"]
+    assert first[1]["lr"] == pytest.approx(0.0, abs=1e-12) and a[1]["lr"] > 0.0
+    assert load_checkpoint(tmp_path / "models" / "last.pt", "unet")["epoch"] == 3
+
+
+def test_resume_after_sigkill(data_root: Path, sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path) -> None:
+    """SIGKILL a training process once its first last.pt exists, then resume: every epoch 1..6 is recorded
+    exactly once and the checkpoints load (they are replaced atomically: a kill can at most leave a hidden
+    ``.<name>.*.tmp`` beside them)."""
+    epochs = 6
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(
+            [sys.executable, str(HELPER), str(data_root), str(tmp_path), "--epochs", str(epochs), "--delay", "0.4"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        )
+    last = tmp_path / "models" / "last.pt"
+    deadline = time.monotonic() + 60
+    try:
+        while not last.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+    assert job.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    killed = load_checkpoint(last, "unet")
+    assert 1 <= killed["epoch"] < epochs
+    leftovers = sorted(p.name for p in tmp_path.rglob("*.tmp"))
+    assert all(name.startswith((".last.pt.", ".best.pt.", ".epochs.csv.")) for name in leftovers), leftovers
+
+    history = run_fit(sets, tmp_path, config(epochs=epochs, resume=True))
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+    assert history[: killed["epoch"]] == killed["history"]
+    assert [row["epoch"] for row in read_csv(tmp_path / "epochs.csv")] == [str(e) for e in range(1, epochs + 1)]
+    assert load_checkpoint(last, "unet")["epoch"] == epochs
+    assert_best_is_argmax(tmp_path / "models", history)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "rcnn.pt", "maskrcnn", {"model_state": TinyNet().state_dict(), "epoch": 1})
+    assert load_checkpoint(tmp_path / "rcnn.pt", "maskrcnn")["epoch"] == 1
+    with pytest.raises(DataError, match=r"'maskrcnn'.*'unet'"):
+        load_checkpoint(tmp_path / "rcnn.pt", "unet")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "full.pt", "unet", {"model_state": TinyNet().state_dict()})
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.pt"):
+        load_checkpoint(tmp_path / "cut.pt", "unet")
+
+
+class Payload:
+    """Unpickling this object creates the directory ``marker``: code run from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.marker),)
+
+
+class Opaque:
+    """A plain class instance: not one of the types a weights-only checkpoint may hold."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+@pytest.mark.parametrize("kind", ["payload", "instance"])
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "code-ran"
+    content = Payload(marker) if kind == "payload" else Opaque()
+    torch.save({"format": FORMAT, "version": VERSION, "model": "unet", "content": content}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="evil.pt.*unsafe"):
+        load_checkpoint(tmp_path / "evil.pt", "unet")
+    assert not marker.exists()
+    if kind == "payload":  # control: the payload is live under a plain unpickler
+        pickle.loads(pickle.dumps(Payload(tmp_path / "control")))
+        assert (tmp_path / "control").is_dir()
+
+
+def test_non_finite_loss_stops_training(sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        run_fit(sets, tmp_path, config(epochs=1), task=NaNTask())
+    assert not (tmp_path / "models" / "last.pt").exists()
+
+
+@pytest.fixture
+def no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tracking URI or DVC experiment from the environment (restored afterwards: MLflow exports the URI)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def test_fit_without_tracking_writes_nothing_to_the_cwd(
+    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_mlflow_env: None
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with open_tracker(enabled=False, run_name="unet") as tracker:
+        run_fit(sets, tmp_path / "out", config(epochs=1), tracker=tracker)
+    assert list(cwd.iterdir()) == []
+    assert (tmp_path / "out" / "models" / "last.pt").is_file()
+
+
+def test_train_tracked_records_the_run(
+    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_mlflow_env: None
+) -> None:
+    """Per-epoch metrics, params and tags from run_record, artifacts and a loadable model in a sqlite store."""
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts go to ./mlruns
+    cfg = config(epochs=2)
+    record = run_record({"train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}, "unet", REPO)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary = train_tracked(
+        new_model(), UNetTask(), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
+        tracker=open_tracker(uri=uri, experiment="train-test", run_name="unet"), model_params={"encoder": "tiny"},
+        val_collate_fn=WholeImageDataset.collate, **record,
+    )
+    history = load_checkpoint(tmp_path / "models" / "last.pt", "unet")["history"]
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "unet"
+    assert run.data.params == {k: str(v) for k, v in record["run_params"].items()}
+    assert "train.unet.epochs" in run.data.params and "train.unet.resume" not in run.data.params
+    assert {k: v for k, v in record["run_tags"].items() if v is not None}.items() <= run.data.tags.items()
+    for key in history[0]:
+        if key != "epoch":
+            logged = client.get_metric_history(run.info.run_id, key)
+            assert [(m.step, m.value) for m in logged] == [(row["epoch"], pytest.approx(row[key])) for row in history]
+
+    def listed(folder: str) -> list[str]:
+        return [a.path for a in client.list_artifacts(run.info.run_id, folder)]
+
+    assert listed("plots") == ["plots/curves.png"] and listed("metrics") == ["metrics/epochs.csv"]
+    assert listed("checkpoints") == ["checkpoints/best.pt"]
+    best = load_checkpoint(client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path)), "unet")
+    assert summary["best_epoch"] == best["epoch"] == int(np.argmax([r["val/dice"] for r in history])) + 1
+
+    expected = TinyNet()
+    expected.load_state_dict(best["model_state"])
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.eval()(x), expected.eval()(x), rtol=0, atol=0)
