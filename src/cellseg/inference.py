@@ -11,11 +11,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from pydantic import BaseModel, ValidationError
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import MaskRCNNParams, UNetParams
@@ -26,6 +27,7 @@ from cellseg.postprocess import watershed_instances
 log = logging.getLogger(__name__)
 
 UNKNOWN_CLASS = 0
+P = TypeVar("P", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -95,21 +97,44 @@ def load_predictor(checkpoint: str | Path, device: torch.device) -> Predictor:
     """Rebuild the model a checkpoint was trained as (its params are stored in it) and load its weights."""
     state = load_checkpoint(checkpoint)
     name = state["model"]
+    if name not in ("unet", "maskrcnn"):
+        raise DataError(f"{checkpoint}: checkpoint of unknown model {name!r}")
+    missing = [key for key in ("model_params", "model_state") if not isinstance(state.get(key), dict)]
+    if missing:
+        raise DataError(f"{checkpoint}: {name} checkpoint without {' or '.join(missing)}: not a trained model's checkpoint")
     if name == "unet":
         from cellseg.models.unet import build_unet
 
-        params = UNetParams.model_validate(state["model_params"])
+        params = _stored_params(UNetParams, state["model_params"], checkpoint)
         model = build_unet(encoder=params.encoder, weights="none", in_channels=params.channels, classes=3)
-        model.load_state_dict(state["model_state"])
+        _load_weights(model, state["model_state"], checkpoint, name)
         return UNetPredictor(model, params, device)
-    if name == "maskrcnn":
-        from cellseg.models.maskrcnn import MaskRCNNPredictor, build_maskrcnn
+    from cellseg.models.maskrcnn import MaskRCNNPredictor, build_maskrcnn
 
-        params = MaskRCNNParams.model_validate({**state["model_params"], "weights": "none"})
-        model = build_maskrcnn(params)
-        model.load_state_dict(state["model_state"])
-        return MaskRCNNPredictor(model, params, device)
-    raise DataError(f"{checkpoint}: checkpoint of unknown model {name!r}")
+    params = _stored_params(MaskRCNNParams, {**state["model_params"], "weights": "none"}, checkpoint)
+    model = build_maskrcnn(params)
+    _load_weights(model, state["model_state"], checkpoint, name)
+    return MaskRCNNPredictor(model, params, device)
+
+
+def _stored_params(model: type[P], values: dict, checkpoint: str | Path) -> P:
+    """The model params stored in a checkpoint, validated; invalid ones raise :class:`DataError`."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise DataError(
+            f"{checkpoint}: stored model_params are invalid ({'.'.join(map(str, error['loc']))}: {error['msg']})"
+        ) from None
+
+
+def _load_weights(model: torch.nn.Module, state_dict: dict, checkpoint: str | Path, name: str) -> None:
+    """Load a checkpoint's weights; weights that do not fit the model raise :class:`DataError`."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise DataError(f"{checkpoint}: its weights do not fit the {name} model its params describe ({reason})") from None
 
 
 def coco_results(instances: Instances, image_id: int, class_agnostic: bool, chunk: int = 64) -> list[dict]:

@@ -82,7 +82,7 @@ def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
             image.load()
             mode = image.mode
             array = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
     if mode == "L":
         return array

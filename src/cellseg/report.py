@@ -49,7 +49,12 @@ def comparison_table(evaluations: Sequence[ModelEvaluation], groups: Sequence[st
 
 def strengths(evaluations: Sequence[ModelEvaluation], groups: Sequence[str]) -> list[str]:
     """One sentence per cell type naming the better model by the competition mAP, with the margin."""
-    sentences = []
+    sentences = [
+        f"- **{DISPLAY.get(e.name, e.name)} found no cell** above its score thresholds: it is undertrained (see its "
+        "training curves); the CPU default trains it for a few steps only, the full recipe (README) on a GPU for real."
+        for e in evaluations
+        if e.metrics.get("n_pred") == 0
+    ]
     for group in groups:
         scored = sorted(
             ((_value(e.metrics, "map", group) or 0.0, DISPLAY.get(e.name, e.name)) for e in evaluations), reverse=True

@@ -34,7 +34,8 @@ def parse(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     starts, lengths = values[0::2], values[1::2]
     _check(starts < 1, "start", "is below 1", starts, 0)
     _check(lengths < 1, "length", "is not positive", lengths, 1)
-    ends = starts - 1 + lengths  # exclusive, 0-based
+    # exclusive, 0-based; clipped first so that starts/lengths near 2**63 cannot overflow past the check below
+    ends = np.minimum(starts, n_pixels + 1) - 1 + np.minimum(lengths, n_pixels + 1)
     _check(ends > n_pixels, "run starting at", f"runs past the end of the image ({n_pixels} pixels)", starts, 0)
     if len(starts) > 1:
         # a run may touch the previous one but must start at or after its end
@@ -70,12 +71,9 @@ def pixels(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """Decode ``rle`` into a boolean mask of ``shape`` (H, W)."""
-    height, width = shape
-    starts, lengths = parse(rle, height * width)
-    flat = np.zeros(height * width + 1, dtype=np.int8)
-    flat[starts] = 1
-    flat[starts + lengths] -= 1
-    return np.cumsum(flat[:-1], dtype=np.int8).astype(bool).reshape(height, width)
+    mask = np.zeros(shape[0] * shape[1], dtype=bool)
+    mask[pixels(rle, shape)] = True
+    return mask.reshape(shape)
 
 
 def encode(mask: np.ndarray) -> str:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import TrainParams
-from cellseg.errors import TrainingError
+from cellseg.errors import DataError, TrainingError
 from cellseg.io import atomic_path, write_json
 from cellseg.plots import training_curves
 from cellseg.tracking import Tracker
@@ -33,6 +33,8 @@ from cellseg.tracking import Tracker
 log = logging.getLogger(__name__)
 
 Batch = Any
+# What resuming reads from last.pt (best.pt holds only the first five).
+RESUME_ENTRIES = ("model_state", "epoch", "best", "history", "run_id", "optimizer", "scheduler", "scaler", "rng")
 
 
 class Task(Protocol):
@@ -159,7 +161,14 @@ def fit(
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if config.resume and last_path.is_file():
         state = load_checkpoint(last_path, task.name)
-        model.load_state_dict(state["model_state"])
+        missing = [key for key in RESUME_ENTRIES if key not in state]
+        if missing:
+            raise DataError(f"{last_path}: cannot resume from it: no {', '.join(missing)} (a best.pt, not a last.pt?)")
+        try:
+            model.load_state_dict(state["model_state"])
+        except RuntimeError as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise DataError(f"{last_path}: cannot resume from it: its weights do not fit this model ({reason})") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

@@ -28,6 +28,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _FIRST_DATA_LINE = 2  # line 1 is the header
+_MAX_SIDE = 2**31 - 1  # width/height beyond this cannot be an image's (and would overflow the int64 cast)
 
 
 def read_kaggle(root: str | Path, *, csv_name: str = "train.csv", image_dir: str = "train") -> SourceData:
@@ -49,11 +50,14 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: annotation file is missing")
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
+        # Blank lines are kept (and refused below): skipping them would shift every later row number.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{csv_path}: file is empty (expected a header and one row per cell)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: not a readable CSV ({' '.join(str(exc).split())})") from None
+    if not isinstance(table.index, pd.RangeIndex):  # pandas took the rows' extra first field as an index
+        raise DataError(f"{csv_path}: row {_FIRST_DATA_LINE} has more fields than the header ({len(table.columns)})")
     missing = [c for c in CSV_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
@@ -64,6 +68,10 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
         raise DataError(f"{csv_path}: no annotation rows (only a header)")
     table = table.astype(str)
     table["row"] = np.arange(_FIRST_DATA_LINE, _FIRST_DATA_LINE + len(table))
+    blank = (table[list(CSV_COLUMNS)].apply(lambda column: column.str.strip()) == "").all(axis=1)
+    if blank.any():
+        row = table["row"][blank].iloc[0]
+        raise DataError(f"{csv_path}: row {row}: blank row (expected one row per cell, no blank lines)")
     return table
 
 
@@ -82,7 +90,7 @@ def _check_values(table: pd.DataFrame, csv_path: Path) -> None:
         _fail(csv_path, table[unknown], f"unknown cell_type {row['cell_type']!r}; expected one of {', '.join(CELL_TYPES)}")
     for column in ("width", "height"):
         values = pd.to_numeric(table[column], errors="coerce")
-        bad = values.isna() | (values <= 0) | (values != values.round())
+        bad = values.isna() | (values <= 0) | (values != values.round()) | (values > _MAX_SIDE)  # also ±inf
         if bad.any():
             _fail(csv_path, table[bad], f"{column} {table[bad][column].iloc[0]!r} is not a positive integer")
         table[column] = values.astype(np.int64)
@@ -128,7 +136,7 @@ def _check_images(images: pd.DataFrame, root: Path, csv_path: Path) -> None:
         try:
             with Image.open(path) as handle:
                 mode, size = handle.mode, handle.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"{where}: not a readable image ({exc})") from None
         if mode not in ("L", "LA", "RGB", "RGBA"):
             raise DataError(f"{where}: expected an 8-bit greyscale image, got PIL mode {mode!r}")

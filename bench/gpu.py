@@ -1,0 +1,99 @@
+"""Part 5: GPU training and inference throughput of the U-Net and Mask R-CNN (CUDA only)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from measure import MB, Result
+
+from cellseg.config import MaskRCNNParams
+from cellseg.models.maskrcnn import build_maskrcnn, category_id, image_tensor, instance_target
+from cellseg.models.unet import build_unet
+
+SCHEDULE = 15 * 75_000  # the seed's U-Net schedule: 15 epochs of one 256-px window per cell
+
+
+def _throughput(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
+    """``(seconds per step, peak MiB allocated)`` over ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - began) / steps, torch.cuda.max_memory_allocated(device) / MB
+
+
+def unet_training(device: torch.device, batch: int = 64, size: int = 256, warmup: int = 5, steps: int = 20) -> Result:
+    """U-Net (EfficientNet-B0) training steps on random tensors: AMP, channels_last, AdamW, cross-entropy."""
+    model = build_unet(encoder="efficientnet-b0").to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 3, (batch, size, size), device=device)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(model(images).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    seconds, peak = _throughput(step, device, warmup, steps)
+    rate = batch / seconds
+    return Result("5", f"unet train {size}² b{batch}", "cuda amp", seconds * steps, rate, "patches/s", peak,
+                  note=f"15 epochs × 75,000 patches ≈ {SCHEDULE / rate / 60:.1f} min")
+
+
+def maskrcnn(device: torch.device, samples: Sequence[tuple[np.ndarray, np.ndarray, str]], scale: float,
+             warmup: int = 3, steps: int = 10) -> list[Result]:
+    """Mask R-CNN training (AMP, AdamW) and inference images/s on real images and their instances, batch 2."""
+    model = build_maskrcnn(MaskRCNNParams(image_scale=scale)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    scaler = torch.amp.GradScaler("cuda")
+    images = [image_tensor(image).to(device) for image, _, _ in samples]
+    targets = [
+        {k: v.to(device) for k, v in instance_target(labels, category_id(cell_type)).items()}
+        for _, labels, cell_type in samples
+    ]
+
+    def train_step() -> None:
+        model.train()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer_step() -> None:
+        model.eval()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            model(images)
+
+    size = f"{round(704 * scale)}×{round(520 * scale)}"
+    rows = []
+    for mode, step in (("train", train_step), ("infer", infer_step)):
+        seconds, peak = _throughput(step, device, warmup, steps)
+        rows.append(Result("5", f"maskrcnn {mode} {size} b{len(images)}", "cuda amp", seconds * steps,
+                           len(images) / seconds, "img/s", peak))
+    return rows
+
+
+def gpu(samples: Sequence[tuple[np.ndarray, np.ndarray, str]], quick: bool) -> list[Result]:
+    """Every GPU figure, or one row saying why there is none."""
+    if not torch.cuda.is_available():
+        return [Result("5", "gpu", "-", note="skipped: no CUDA device")]
+    device = torch.device("cuda")
+    steps = {"warmup": 2, "steps": 3} if quick else {}
+    rows = [unet_training(device, **steps)]
+    for scale in (1.0, 2.0):
+        rows += maskrcnn(device, samples, scale, **steps)
+    return rows
