@@ -12,7 +12,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.cli import guarded
 from cellseg.data import ImageStore
 from cellseg.evaluate import evaluate_predictor
-from cellseg.inference import load_predictor
+from cellseg.inference import POSTPROCESS_PARAMS, load_predictor
 from cellseg.io import write_json
 from cellseg.report import write_plots, write_report
 from cellseg.tracking import open_tracker
@@ -42,7 +42,10 @@ def main() -> None:
     evaluations, checkpoints = [], {}
     for name in MODELS:
         checkpoints[name] = load_checkpoint(args.models / name / "best.pt", name)
-        evaluations.append(evaluate_predictor(load_predictor(args.models / name / "best.pt", device), store, val, coco_gt))
+        current = config.section(raw, name, path=args.params)  # today's thresholds, not those stored at training
+        postprocess = {key: getattr(current, key) for key in POSTPROCESS_PARAMS[name]}
+        predictor = load_predictor(args.models / name / "best.pt", device, postprocess)
+        evaluations.append(evaluate_predictor(predictor, store, val, coco_gt))
     write_json(args.metrics / "evaluate.json", {e.name: e.metrics for e in evaluations})
     histories = {n: pd.read_csv(args.metrics / n / "epochs.csv").to_dict("records") for n in MODELS}
     plots = write_plots(evaluations, store, val, histories, args.plots)

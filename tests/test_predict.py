@@ -102,3 +102,15 @@ def test_a_foreign_checkpoint_is_refused(images: Path, tmp_path: Path) -> None:
         predict_images(bogus, [images], tmp_path / "out", device=CPU)
     with pytest.raises(DataError, match="no such image file or directory"):
         predict_images(bogus, [tmp_path / "nowhere"], tmp_path / "out", device=CPU)
+
+
+def test_postprocess_params_can_be_overridden_without_retraining(checkpoint: Path) -> None:
+    from cellseg.inference import load_predictor
+
+    tuned = load_predictor(checkpoint, CPU, {"mask_threshold": 0.7, "min_size": {"shsy5y": 50, "astro": 50, "cort": 50}})
+    assert tuned.params.mask_threshold == 0.7 and tuned.params.min_size["cort"] == 50
+    assert tuned.params.encoder == "resnet18"  # the architecture stays the checkpoint's
+    with pytest.raises(ValueError, match="not post-processing params of unet: \\['encoder'\\]"):
+        load_predictor(checkpoint, CPU, {"encoder": "resnet34"})
+    with pytest.raises(DataError, match="stored model_params are invalid"):
+        load_predictor(checkpoint, CPU, {"mask_threshold": 2.0})

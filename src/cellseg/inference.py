@@ -8,10 +8,10 @@ instance, a category id and a confidence. The U-Net gives no cell type (as in th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -93,8 +93,20 @@ class UNetPredictor:
         return results
 
 
-def load_predictor(checkpoint: str | Path, device: torch.device) -> Predictor:
-    """Rebuild the model a checkpoint was trained as (its params are stored in it) and load its weights."""
+POSTPROCESS_PARAMS = {
+    "unet": ("marker_threshold", "mask_threshold", "min_size"),
+    "maskrcnn": ("mask_threshold", "score_threshold", "min_size"),
+}
+
+
+def load_predictor(
+    checkpoint: str | Path, device: torch.device, postprocess: Mapping[str, Any] | None = None
+) -> Predictor:
+    """Rebuild the model a checkpoint was trained as (its params are stored in it) and load its weights.
+
+    ``postprocess`` overrides the stored post-processing params (:data:`POSTPROCESS_PARAMS`), so that
+    thresholds can be tuned without retraining; other keys are refused.
+    """
     state = load_checkpoint(checkpoint)
     name = state["model"]
     if name not in ("unet", "maskrcnn"):
@@ -102,6 +114,10 @@ def load_predictor(checkpoint: str | Path, device: torch.device) -> Predictor:
     missing = [key for key in ("model_params", "model_state") if not isinstance(state.get(key), dict)]
     if missing:
         raise DataError(f"{checkpoint}: {name} checkpoint without {' or '.join(missing)}: not a trained model's checkpoint")
+    unknown = set(postprocess or {}) - set(POSTPROCESS_PARAMS[name])
+    if unknown:
+        raise ValueError(f"not post-processing params of {name}: {sorted(unknown)}")
+    state["model_params"] = {**state["model_params"], **(postprocess or {})}
     if name == "unet":
         from cellseg.models.unet import build_unet
 
