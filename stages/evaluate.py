@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from cellseg import config
 from cellseg.checkpoint import load_checkpoint
 from cellseg.cli import guarded
 from cellseg.data import ImageStore
+from cellseg.errors import ResourceError
 from cellseg.evaluate import evaluate_predictor
 from cellseg.inference import POSTPROCESS_PARAMS, load_predictor
 from cellseg.io import write_json
@@ -19,6 +21,7 @@ from cellseg.tracking import open_tracker
 from cellseg.train import pick_device
 
 MODELS = ("unet", "maskrcnn")
+log = logging.getLogger("cellseg.evaluate")
 
 
 def main() -> None:
@@ -60,7 +63,11 @@ def _log_to_runs(tracking, checkpoints, evaluations, plots) -> None:
         if not (tracking.enabled and run_id):
             continue
         with open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=e.name) as tracker:
-            tracker.start(params={}, tags={}, run_id=run_id)
+            try:
+                tracker.start(params={}, tags={}, run_id=run_id)
+            except ResourceError as exc:  # e.g. a `dvc exp run --temp` copy with its own store
+                log.warning("evaluation not added to the %s MLflow run: %s", e.name, exc)
+                continue
             tracker.log_metrics({f"eval/{k}": v for k, v in e.metrics.items()}, step=int(checkpoints[e.name]["epoch"]))
             for path in plots.values():
                 tracker.log_artifact(path, artifact_path="evaluation")
