@@ -1,26 +1,24 @@
 """DVC stage: export the split's train and validation images as COCO instance files (coco_train/val.json)."""
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import guarded
+from cellseg.cli import guarded, stage_args
 from cellseg.coco import to_coco, write_coco
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE
 from cellseg.errors import DataError
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--decoded", type=Path, required=True)
-    parser.add_argument("--split", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="directory for coco_train.json and coco_val.json")
-    args = parser.parse_args()
+    args = stage_args(
+        __doc__,
+        decoded="the decode stage's output directory",
+        split="the split JSON",
+        out="directory for coco_train.json and coco_val.json",
+    )
     params = config.load("split", args.params)
     split = json.loads(args.split.read_text())
     asked = {"n_folds": params.n_folds, "fold": params.fold, "seed": params.seed}

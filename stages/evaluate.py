@@ -1,6 +1,5 @@
 """DVC stage: evaluate both trained models on the validation split; write metrics, plots and the report."""
 
-import argparse
 import json
 import logging
 import sys
@@ -10,7 +9,7 @@ import pandas as pd
 
 from cellseg import config
 from cellseg.checkpoint import load_checkpoint
-from cellseg.cli import guarded
+from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore
 from cellseg.errors import ResourceError
 from cellseg.evaluate import evaluate_predictor
@@ -25,16 +24,16 @@ log = logging.getLogger("cellseg.evaluate")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--decoded", type=Path, required=True)
-    parser.add_argument("--split", type=Path, required=True)
-    parser.add_argument("--coco", type=Path, required=True, help="COCO json of the validation images")
-    parser.add_argument("--models", type=Path, required=True, help="directory holding <model>/best.pt")
-    parser.add_argument("--metrics", type=Path, required=True, help="directory holding <model>/epochs.csv")
-    parser.add_argument("--plots", type=Path, required=True)
-    parser.add_argument("--report", type=Path, required=True)
-    args = parser.parse_args()
+    args = stage_args(
+        __doc__,
+        decoded="the decode stage's output directory",
+        split="the split JSON",
+        coco="COCO json of the validation images",
+        models="directory holding <model>/best.pt",
+        metrics="directory holding <model>/epochs.csv",
+        plots="directory for the plots",
+        report="the report to write",
+    )
     raw = config.read_params(args.params)
     data, tracking = config.section(raw, "data", path=args.params), config.section(raw, "tracking", path=args.params)
     val = json.loads(args.split.read_text())["val"]

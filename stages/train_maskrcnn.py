@@ -1,12 +1,11 @@
 """DVC stage: train Mask R-CNN on whole training images with the shared trainer (params ``maskrcnn``, ``train.maskrcnn``, ``tracking``)."""
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from cellseg import config
-from cellseg.cli import guarded
+from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore, build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
 from cellseg.tracking import open_tracker, run_record
@@ -14,13 +13,13 @@ from cellseg.train import train_tracked
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--decoded", type=Path, required=True)
-    parser.add_argument("--split", type=Path, required=True)
-    parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
+    args = stage_args(
+        __doc__,
+        decoded="the decode stage's output directory",
+        split="the split JSON",
+        models="directory of the models' checkpoints",
+        metrics="directory of the metrics files",
+    )
     raw = config.read_params(args.params)
     data, maskrcnn, tracking = (config.section(raw, n, path=args.params) for n in ("data", "maskrcnn", "tracking"))
     train = config.section(raw, "train", path=args.params).maskrcnn

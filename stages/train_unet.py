@@ -1,6 +1,5 @@
 """DVC stage: train the U-Net on the patch index with the shared trainer (params ``unet``, ``train.unet``, ``tracking``)."""
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import guarded
+from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.train import train_tracked
@@ -16,14 +15,14 @@ from cellseg.tracking import open_tracker, run_record
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--decoded", type=Path, required=True)
-    parser.add_argument("--split", type=Path, required=True)
-    parser.add_argument("--patches", type=Path, required=True)
-    parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
+    args = stage_args(
+        __doc__,
+        decoded="the decode stage's output directory",
+        split="the split JSON",
+        patches="the patch index",
+        models="directory of the models' checkpoints",
+        metrics="directory of the metrics files",
+    )
     raw = config.read_params(args.params)
     data, unet, tracking = (config.section(raw, name, path=args.params) for name in ("data", "unet", "tracking"))
     train = config.section(raw, "train", path=args.params).unet

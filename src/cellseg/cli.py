@@ -27,6 +27,16 @@ def guarded(main: Callable[[], None]) -> int:
     return 0
 
 
+def stage_args(description: str | None, **paths: str) -> argparse.Namespace:
+    """Parse a DVC stage script's command line: ``--params`` (default ``params.yaml``) and one required
+    path option per keyword, ``--<name>``, whose value is its help text."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file")
+    for name, help_text in paths.items():
+        parser.add_argument(f"--{name}", type=Path, required=True, help=help_text)
+    return parser.parse_args()
+
+
 def _synth(args: argparse.Namespace) -> None:
     from cellseg.sources.synthetic import synthesize
 
