@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from measure import MB, Result
 
 from cellseg.config import MaskRCNNParams
-from cellseg.models.maskrcnn import build_maskrcnn, category_id, image_tensor, instance_target
+from cellseg.models.maskrcnn import build_maskrcnn
 from cellseg.models.unet import build_unet
 
 SCHEDULE = 15 * 75_000  # the seed's U-Net schedule: 15 epochs of one 256-px window per cell
@@ -52,17 +51,14 @@ def unet_training(device: torch.device, batch: int = 64, size: int = 256, warmup
                   note=f"15 epochs × 75,000 patches ≈ {SCHEDULE / rate / 60:.1f} min")
 
 
-def maskrcnn(device: torch.device, samples: Sequence[tuple[np.ndarray, np.ndarray, str]], scale: float,
+def maskrcnn(device: torch.device, samples: Sequence[tuple[torch.Tensor, dict]], scale: float,
              warmup: int = 3, steps: int = 10) -> list[Result]:
-    """Mask R-CNN training (AMP, AdamW) and inference images/s on real images and their instances, batch 2."""
+    """Mask R-CNN training (AMP, AdamW) and inference images/s on ``InstanceDataset`` items, batch 2."""
     model = build_maskrcnn(MaskRCNNParams(image_scale=scale)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     scaler = torch.amp.GradScaler("cuda")
-    images = [image_tensor(image).to(device) for image, _, _ in samples]
-    targets = [
-        {k: v.to(device) for k, v in instance_target(labels, category_id(cell_type)).items()}
-        for _, labels, cell_type in samples
-    ]
+    images = [image.to(device) for image, _ in samples]
+    targets = [{k: v.to(device) for k, v in target.items() if isinstance(v, torch.Tensor)} for _, target in samples]
 
     def train_step() -> None:
         model.train()
@@ -87,7 +83,7 @@ def maskrcnn(device: torch.device, samples: Sequence[tuple[np.ndarray, np.ndarra
     return rows
 
 
-def gpu(samples: Sequence[tuple[np.ndarray, np.ndarray, str]], quick: bool) -> list[Result]:
+def gpu(samples: Sequence[tuple[torch.Tensor, dict]], quick: bool) -> list[Result]:
     """Every GPU figure, or one row saying why there is none."""
     if not torch.cuda.is_available():
         return [Result("5", "gpu", "-", note="skipped: no CUDA device")]

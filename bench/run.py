@@ -26,8 +26,9 @@ from cases import loading, metric, rle_codecs, stages
 from gpu import gpu
 from measure import Result
 
-from cellseg.decode import IMAGES_TABLE, LABELS_DIR
-from cellseg.io import read_gray, read_labels
+from cellseg.decode import IMAGES_TABLE
+from cellseg.models.maskrcnn import InstanceDataset
+from cellseg.sources import load_source
 from cellseg.sources.synthetic import synthesize
 
 
@@ -100,10 +101,8 @@ def main() -> None:
         print("4: data loading ...", flush=True)
         parts["4"] = loading(data, decoded, work / "patches.parquet", max_images=64, batches=3 if args.quick else 40)
         print("5: GPU ...", flush=True)
-        samples = [
-            (read_gray(data / row.file_name), read_labels(decoded / LABELS_DIR / f"{row.image_id}.png"), row.cell_type)
-            for row in images.head(2).itertuples()
-        ]
+        instances = InstanceDataset(load_source("synthetic", data, limit_images=2))
+        samples = [instances[i] for i in range(len(instances))]
         parts["5"] = gpu(samples, args.quick)
 
     rows = [row for part in sorted(parts) for row in parts[part]]

@@ -1,12 +1,11 @@
-"""DVC stage: train Mask R-CNN on whole training images with the shared trainer (params ``maskrcnn``, ``train.maskrcnn``, ``tracking``)."""
+"""DVC stage: train Mask R-CNN on the whole images and masks of the coco stage's json files with the shared trainer (params ``maskrcnn``, ``train.maskrcnn``, ``tracking``)."""
 
-import json
 import sys
-from pathlib import Path
 
 from cellseg import config
 from cellseg.cli import guarded, stage_args
-from cellseg.data import ImageStore, build_augmentations
+from cellseg.coco import coco_to_source
+from cellseg.data import build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
 from cellseg.tracking import open_tracker, run_record
 from cellseg.train import train_tracked
@@ -15,20 +14,19 @@ from cellseg.train import train_tracked
 def main() -> None:
     args = stage_args(
         __doc__,
-        decoded="the decode stage's output directory",
-        split="the split JSON",
+        coco_train="the coco stage's training json (coco_train.json)",
+        coco_val="the coco stage's validation json (coco_val.json)",
         models="directory of the models' checkpoints",
         metrics="directory of the metrics files",
     )
     raw = config.read_params(args.params)
     data, maskrcnn, tracking = (config.section(raw, n, path=args.params) for n in ("data", "maskrcnn", "tracking"))
     train = config.section(raw, "train", path=args.params).maskrcnn
-    split = json.loads(args.split.read_text())
     tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name="maskrcnn")
 
-    store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"])
-    train_set = InstanceDataset(split["train"], store, build_augmentations(maskrcnn.augment, seed=train.seed))
-    val_set = InstanceDataset(split["val"], store)
+    augment = build_augmentations(maskrcnn.augment, seed=train.seed)
+    train_set = InstanceDataset(coco_to_source(args.coco_train, data.root), augment)
+    val_set = InstanceDataset(coco_to_source(args.coco_val, data.root))
     train_tracked(
         build_maskrcnn(maskrcnn),
         MaskRCNNTask(maskrcnn),

@@ -13,15 +13,15 @@ in a temporary working directory and asserts:
   good output (for the cases marked ``prior``, made by running the same stage on good data first) is
   unchanged, and no stray ``.*.tmp`` / ``.*.old`` entry is left beside it.
 
-60 kinds:
+62 kinds:
 
 * RLE, decode stage (9): non-integer token, integer beyond 64 bits, odd token count, zero length,
   negative length, start below 1, runs out of order, overlapping runs, a run past the image end.
-* train.csv, decode stage (18): file missing, empty file, header only, a missing column, an extra column,
+* train.csv, decode stage (20): file missing, empty file, header only, a missing column, an extra column,
   a duplicated column name, a ragged row, non-UTF-8 bytes, a duplicate annotation, an empty annotation,
   an unknown cell type, width not an integer, width infinite, width beyond any image, width disagreeing
   with the PNG, a per-image field differing between an image's rows, a blank line, a trailing comma on
-  every row.
+  every row, a row with too few fields, an empty ``sample_id``.
 * Image ids, decode stage (3): a path separator, ``..`` inside, ``..`` alone.
 * Images, decode stage (9): missing, empty, truncated, not an image, a decompression bomb, a directory
   named like the file, 16-bit, RGB colour, wrong size.
@@ -242,6 +242,13 @@ def _resume_from_other_weights(w: World) -> None:
     save_checkpoint(w.work / "models/unet/last.pt", "unet", entries)
 
 
+def _short_row(w: World) -> None:
+    """Row 6 loses its last field (pandas pads it with an empty string)."""
+    lines = w.csv.read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 1)[0]
+    w.csv.write_text("\n".join(lines) + "\n")
+
+
 CSV_ROW6 = ("{csv}", "row 6 (id 'sh0000000001')")
 CASES: list[Case] = [
     # --- RLE (decode) ---
@@ -279,6 +286,8 @@ CASES: list[Case] = [
     ),
     Case("csv-per-image-field-differs", "decode", lambda w: w.set_cells(4, "sample_id", "other"), (*CSV_ROW6, "sample_id 'other' differs")),
     Case("csv-blank-line", "decode", _blank_line, ("{csv}", "row 4: blank row")),
+    Case("csv-short-row", "decode", _short_row, (*CSV_ROW6, "elapsed_timedelta is empty (a row with fewer fields")),
+    Case("csv-empty-sample-id", "decode", lambda w: w.set_cells([0, 1, 2], "sample_id", ""), ("{csv}", "row 2", "sample_id is empty")),
     Case("csv-trailing-comma-on-every-row", "decode", _trailing_commas, ("{csv}", "row 2 has more fields than the header (9)")),
     # --- image ids (decode) ---
     Case("id-path-separator", "decode", lambda w: w.set_cells([0, 1, 2], "id", "train/sh0000000000"), ("{csv}", "row 2", "not a safe file name")),

@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import save_checkpoint
 from cellseg.config import MaskRCNNParams
 from cellseg.data import ImageStore, build_augmentations
-from cellseg.decode import IMAGES_TABLE, decode_dataset
-from cellseg.errors import ParamsError, ResourceError
+from cellseg import rle
+from cellseg.coco import coco_to_source, to_coco, write_coco
+from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset, decode_image
+from cellseg.errors import DataError, ParamsError, ResourceError
 from cellseg.inference import load_predictor
 from cellseg.models.maskrcnn import (
     InstanceDataset,
@@ -26,7 +28,8 @@ from cellseg.models.maskrcnn import (
     predict_instances,
     target_labels,
 )
-from cellseg.sources import CELL_TYPES, load_source
+from cellseg.sources import CELL_TYPES, SourceData, load_source
+from cellseg.sources.kaggle import read_kaggle
 from cellseg.sources.synthetic import synthesize
 
 CPU = torch.device("cpu")
@@ -57,7 +60,8 @@ def tiny_batch(n_images: int = 1, height: int = 64, width: int = 96) -> tuple[li
             labels[40:60, 70:90] = 3
         image = np.where(labels > 0, 0.8, 0.2) + rng.normal(0, 0.02, labels.shape)
         images.append(torch.from_numpy(image.astype(np.float32)).clamp(0, 1).expand(3, -1, -1).contiguous())
-        targets.append({**instance_target(labels, 1 + k % 3), "image_id": f"img{k}", "cell_type": CELL_TYPES[k % 3]})
+        masks = (labels[None] == np.arange(1, labels.max() + 1)[:, None, None]).astype(np.uint8)
+        targets.append({**instance_target(masks, 1 + k % 3), "image_id": f"img{k}", "cell_type": CELL_TYPES[k % 3]})
     return images, targets
 
 
@@ -131,6 +135,27 @@ def test_eval_predictions_give_consistent_instances() -> None:
     assert set(instances.classes.tolist()) <= {1, 2, 3} and len(instances.classes) == n
     assert np.all((instances.scores >= 0) & (instances.scores <= 1)) and np.all(np.diff(instances.scores) <= 0)
     assert set(instances.scores.tolist()) <= set(output["scores"].tolist())
+
+
+def test_detections_under_every_threshold_are_dropped_early_without_changing_instances() -> None:
+    """The model's box score threshold is the lowest per-class one: the instances are those a model keeping
+    every detection down to 0.01 gives, after the per-class thresholds."""
+    thresholds = {"shsy5y": 0.8, "astro": 0.85, "cort": 0.88}  # within this random model's scores
+    params = tiny_params(score_threshold=thresholds, min_size={t: 1 for t in CELL_TYPES}, detections_per_img=100)
+    torch.manual_seed(0)
+    model = build_maskrcnn(params).eval()
+    assert model.roi_heads.score_thresh == 0.8
+    images, _ = tiny_batch(1)
+    with torch.inference_mode():
+        (early,) = model(images)
+        model.roi_heads.score_thresh = 0.01
+        (late,) = model(images)
+    assert len(late["scores"]) > len(early["scores"]) > 0
+    kept, reference = predict_instances(early, params), predict_instances(late, params)
+    assert len(kept.scores) > 0
+    np.testing.assert_array_equal(kept.labels, reference.labels)
+    np.testing.assert_array_equal(kept.classes, reference.classes)
+    np.testing.assert_array_equal(kept.scores, reference.scores)
 
 
 def test_overlap_goes_to_the_higher_score() -> None:
@@ -269,69 +294,111 @@ def test_coco_offline_raises_resource_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
-    """3 decoded synthetic images (one per cell type) in memory."""
+def coco_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[SourceData, ImageStore]:
+    """3 synthetic images (one per cell type) as the coco stage writes them, read back, and their decoded store."""
     root = tmp_path_factory.mktemp("maskrcnn")
     synthesize(root / "raw", 3, 0)
     decode_dataset(load_source("synthetic", root / "raw"), root / "decoded")
-    ids = pd.read_parquet(root / "decoded" / IMAGES_TABLE)["image_id"].tolist()
-    return ImageStore(root / "raw", root / "decoded", ids)
+    images = pd.read_parquet(root / "decoded" / IMAGES_TABLE)
+    ids = images["image_id"].tolist()
+    write_coco(root / "coco.json", to_coco(images, pd.read_parquet(root / "decoded" / INSTANCES_TABLE), ids))
+    return coco_to_source(root / "coco.json", root / "raw"), ImageStore(root / "raw", root / "decoded", ids)
 
 
-def check_item(image: torch.Tensor, target: dict, labels: np.ndarray) -> None:
-    """The target fits ``labels`` (the label image the item was built from)."""
-    height, width = labels.shape
-    ids = np.unique(labels[labels > 0])
+def own_masks(data: SourceData, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """Each annotation of ``image_id``, decoded on its own (overlaps kept), as an N×H×W stack."""
+    rows = data.annotations[data.annotations["image_id"] == image_id]["annotation"]
+    return np.stack([rle.decode(a, shape) for a in rows]).astype(np.uint8)
+
+
+def check_item(image: torch.Tensor, target: dict, masks: np.ndarray) -> None:
+    """The target holds exactly ``masks`` (N×H×W), in order, with tight boxes."""
+    n, height, width = masks.shape
     assert image.shape == (3, height, width) and image.dtype == torch.float32
     assert 0 <= float(image.min()) and float(image.max()) <= 1 and torch.equal(image[0], image[2])
-    boxes, masks = target["boxes"].numpy(), target["masks"].numpy()
-    assert boxes.shape == (len(ids), 4) and masks.shape == (len(ids), height, width) and masks.dtype == np.uint8
-    assert target["labels"].dtype == torch.int64 and len(target["labels"]) == len(ids)
-    assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2] <= width) and np.all(boxes[:, 3] <= height)
-    assert np.all(boxes[:, 2:] > boxes[:, :2])
-    for mask, (x0, y0, x1, y1), label in zip(masks, boxes.astype(int), ids):
-        np.testing.assert_array_equal(mask.astype(bool), labels == label)
+    boxes = target["boxes"].numpy()
+    assert target["masks"].dtype == torch.uint8 and np.array_equal(target["masks"].numpy(), masks)
+    assert boxes.shape == (n, 4) and target["labels"].dtype == torch.int64 and len(target["labels"]) == n
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.astype(int)):
         rows, cols = np.nonzero(mask)
         assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (y0, x0, y1, x1)
 
 
-def test_instance_dataset_targets_match_labels(store: ImageStore) -> None:
-    dataset = InstanceDataset(store.image_ids, store)
-    for i, image_id in enumerate(store.image_ids):
+def test_instance_dataset_holds_each_cells_own_mask(coco_data: tuple[SourceData, ImageStore]) -> None:
+    data, store = coco_data
+    dataset = InstanceDataset(data)
+    assert dataset.image_ids == store.image_ids
+    for i, image_id in enumerate(dataset.image_ids):
         image, target = dataset[i]
-        check_item(image, target, store.labels(image_id))
+        labels = store.labels(image_id)
+        check_item(image, target, own_masks(data, image_id, labels.shape))
         assert target["image_id"] == image_id and target["cell_type"] == store.cell_type(image_id)
         assert set(target["labels"].tolist()) == {CELL_TYPES.index(store.cell_type(image_id)) + 1}
-        assert np.array_equal(target_labels(target) > 0, store.labels(image_id) > 0)
+        np.testing.assert_array_equal(image[0].numpy(), store.image(image_id) / np.float32(255))
+        np.testing.assert_array_equal(target_labels(target), labels)  # validation's truth is evaluate's
 
 
-def test_instance_dataset_augmentation_moves_targets_with_image(store: ImageStore) -> None:
-    augment = build_augmentations(["hflip", "vflip", "rotate90"], seed=3)
-    dataset = InstanceDataset(store.image_ids[:1], store, augment)
-    labels = store.labels(store.image_ids[0])
+def test_instance_dataset_keeps_the_overlaps_of_the_real_sample(real_dir: Path) -> None:
+    """The real image's cells overlap (3,354 pixels): the targets keep every cell whole, and the validation
+    truth built from them is the decode stage's label image."""
+    data = read_kaggle(real_dir)
+    (image_id,) = data.images["image_id"]
+    image, target = InstanceDataset(data)[0]
+    masks = own_masks(data, image_id, tuple(image.shape[1:]))
+    check_item(image, target, masks)
+    assert int((masks.sum(axis=0) > 1).sum()) == 3354
+    decoded = decode_image(data.annotations, masks.shape[1:], data.annotation_file)
+    np.testing.assert_array_equal(target_labels(target), decoded.labels)
+
+
+def test_instance_dataset_augmentation_moves_targets_with_image(coco_data: tuple[SourceData, ImageStore]) -> None:
+    data, _ = coco_data
+    dataset = InstanceDataset(data, build_augmentations(["hflip", "vflip", "rotate90"], seed=3))
+    plain = InstanceDataset(data)
+    image0, target0 = plain[0]
     seen = set()
     for _ in range(8):
         image, target = dataset[0]
-        rebuilt = target_labels(target)
-        check_item(image, target, rebuilt)  # boxes fit the augmented masks
-        assert rebuilt.shape in {labels.shape, labels.shape[::-1]}
-        assert len(target["boxes"]) == len(np.unique(labels[labels > 0]))
-        seen.add((rebuilt.shape, image[0, :3, :3].sum().item()))
+        masks = target["masks"].numpy()
+        check_item(image, target, masks)  # boxes fit the augmented masks
+        assert masks.shape[1:] in {image0.shape[1:], image0.shape[1:][::-1]}
+        assert len(masks) == len(target0["masks"])
+        assert sorted(masks.sum(axis=(1, 2))) == sorted(target0["masks"].numpy().sum(axis=(1, 2)))
+        # the image moved with the masks: the mean intensity inside all cells is unchanged
+        inside = masks.any(axis=0)
+        np.testing.assert_allclose(image[0].numpy()[inside].mean(), image0[0].numpy()[target0["masks"].numpy().any(axis=0)].mean(), rtol=1e-6)
+        seen.add((masks.shape, image[0, :3, :3].sum().item()))
     assert len(seen) > 1  # some draw did transform
 
 
-def test_empty_label_image_gives_empty_target() -> None:
-    target = instance_target(np.zeros((6, 7), dtype=np.uint16), 2)
-    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 6, 7) and target["labels"].shape == (0,)
+def test_instances_moved_out_of_the_image_are_left_out() -> None:
+    masks = np.zeros((3, 6, 7), dtype=np.uint8)
+    masks[0, 1:3, 2:5] = 1
+    masks[2, 5, 6] = 1
+    target = instance_target(masks, 2)
+    assert target["boxes"].tolist() == [[2, 1, 5, 3], [6, 5, 7, 6]] and target["labels"].tolist() == [2, 2]
+    assert np.array_equal(target["masks"].numpy(), masks[[0, 2]])
+    empty = instance_target(np.zeros((0, 6, 7), dtype=np.uint8), 2)
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 6, 7) and empty["labels"].shape == (0,)
 
 
-def test_validate_reports_documented_keys(store: ImageStore) -> None:
+def test_instance_dataset_names_a_bad_annotation(tmp_path: Path, make_kaggle) -> None:
+    root = make_kaggle()
+    data = read_kaggle(root)
+    broken = data.annotations.copy()
+    broken.loc[4, "annotation"] = "5 3 1"
+    with pytest.raises(DataError, match=rf"train.csv: row {broken.loc[4, 'row']}: malformed RLE"):
+        InstanceDataset(SourceData(data.root, data.annotation_file, data.images, broken))
+
+
+def test_validate_reports_documented_keys(coco_data: tuple[SourceData, ImageStore]) -> None:
     torch.manual_seed(0)
     params = tiny_params(image_scale=0.25)
     model = build_maskrcnn(params)
-    loader = DataLoader(InstanceDataset(store.image_ids[:2], store), batch_size=2, collate_fn=collate)
+    dataset = InstanceDataset(coco_data[0])
+    loader = DataLoader(torch.utils.data.Subset(dataset, [0, 1]), batch_size=2, collate_fn=collate)
     metrics = MaskRCNNTask(params).validate(model, loader, CPU)
-    types = {f"map/{store.cell_type(i)}" for i in store.image_ids[:2]}
+    types = {f"map/{t}" for t in dataset.cell_types[:2]}
     assert set(metrics) == {"map", "n_pred", "images_per_s", *types}
     assert all(0 <= metrics[k] <= 1 for k in ("map", *types))
     assert 0 <= metrics["n_pred"] <= params.detections_per_img and metrics["images_per_s"] > 0

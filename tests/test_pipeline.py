@@ -97,3 +97,29 @@ def test_dvc_repro_is_exact(project: Path) -> None:
     rerun = _dvc(project, "repro", "split")
     assert "Running stage 'split'" in rerun
     assert "Running stage 'decode'" not in rerun and "Running stage 'synthesize'" not in rerun
+
+
+def test_dvc_remote_push_then_pull_into_a_fresh_clone(project: Path, tmp_path: Path) -> None:
+    """The README's sharing recipe on a local-directory remote: ``dvc push`` after a run, then ``git clone`` and
+    ``dvc pull`` elsewhere restore every output byte for byte, and the clone's pipeline is up to date."""
+    _dvc(project, "repro", "coco", "patches")  # every stage before the trainings
+    remote = tmp_path / "remote"
+    _dvc(project, "remote", "add", "--default", "store", str(remote))
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "run and remote"]):
+        subprocess.run(command, cwd=project, check=True, env=ENV, capture_output=True)
+    assert "pushed" in _dvc(project, "push")
+    outputs = ["data/raw/synthetic", "data/interim/decoded", "data/interim/split.json",
+               "data/processed/patches.parquet", "data/processed/coco"]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, env=ENV, capture_output=True)
+    assert not any((clone / path).exists() for path in outputs)  # only git's files came with the clone
+    _dvc(clone, "pull", "--with-deps", "coco", "patches")
+    for path in outputs:
+        original, pulled = project / path, clone / path
+        files = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file()) if original.is_dir() else [Path()]
+        assert files and files == (
+            sorted(p.relative_to(pulled) for p in pulled.rglob("*") if p.is_file()) if pulled.is_dir() else [Path()]
+        ), path
+        assert all((original / f).read_bytes() == (pulled / f).read_bytes() for f in files), path
+    assert "up to date" in _dvc(clone, "status", "coco", "patches")
+    assert "Running stage" not in _dvc(clone, "repro", "coco", "patches")

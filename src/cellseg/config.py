@@ -106,7 +106,9 @@ class MaskRCNNParams(Section):
     rpn_post_nms_top_n: int = Field(default=3000, ge=1)
     box_batch_size_per_image: int = Field(default=512, ge=1)
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    score_threshold: dict[str, float] = Field(default_factory=lambda: {"shsy5y": 0.3, "astro": 0.4, "cort": 0.5})
+    score_threshold: dict[str, float] = Field(
+        default_factory=lambda: {"shsy5y": 0.3, "astro": 0.4, "cort": 0.5}, min_length=1
+    )
     min_size: dict[str, int] = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
     augment: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
     mean: float = Field(default=0.5, ge=0.0, le=1.0)

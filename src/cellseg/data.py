@@ -210,6 +210,16 @@ def normalize(image_uint8: np.ndarray, mean: float, std: float, channels: int) -
     return grey.unsqueeze(0).repeat(channels, 1, 1)
 
 
+def padded_input(
+    image_uint8: np.ndarray, mean: float, std: float, channels: int, multiple: int = 32
+) -> tuple[torch.Tensor, tuple[tuple[int, int], tuple[int, int]]]:
+    """A whole image as the network's input: reflect-padded at the bottom/right to multiples of ``multiple``
+    (the U-Net's stride) and :func:`normalize`-d; also the padding, in :func:`numpy.pad`'s form."""
+    height, width = image_uint8.shape
+    pad = ((0, -height % multiple), (0, -width % multiple))
+    return normalize(np.pad(image_uint8, pad, mode="reflect"), mean, std, channels), pad
+
+
 class PatchDataset(Dataset):
     """Square training windows (an index from :func:`cellseg.patches.sample_patches`) cropped from an :class:`ImageStore`.
 
@@ -302,11 +312,11 @@ class WholeImageDataset(Dataset):
         image_id = self.image_ids[i]
         image, target = self.store.image(image_id), self.store.targets(image_id)
         height, width = image.shape
-        pad = ((0, -height % self.pad_multiple), (0, -width % self.pad_multiple))
-        valid = np.zeros((height + pad[0][1], width + pad[1][1]), dtype=bool)
+        tensor, pad = padded_input(image, self.mean, self.std, self.channels, self.pad_multiple)
+        valid = np.zeros(tensor.shape[1:], dtype=bool)
         valid[:height, :width] = True
         return {
-            "image": normalize(np.pad(image, pad, mode="reflect"), self.mean, self.std, self.channels),
+            "image": tensor,
             "target": torch.from_numpy(np.pad(target, pad, constant_values=IGNORE_INDEX).astype(np.int64)),
             "valid": torch.from_numpy(valid),
             "image_id": image_id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,17 +48,10 @@ def decode_image(annotations: pd.DataFrame, shape: tuple[int, int], where: Path)
     height, width = shape
     if len(annotations) > MAX_INSTANCES:
         raise DataError(f"{where}: {len(annotations)} instances in one image; at most {MAX_INSTANCES} fit in uint16")
-    indices = []
-    for row, annotation in zip(annotations["row"], annotations["annotation"]):
-        try:
-            indices.append(rle.pixels(annotation, shape))
-        except rle.RLEError as exc:
-            raise DataError(f"{where}: row {row}: malformed RLE: {exc}") from None
+    indices = instance_pixels(annotations, shape, where)
     areas = np.array([len(i) for i in indices], dtype=np.int64)
-    if (areas == 0).any():
-        raise DataError(f"{where}: row {annotations['row'].iloc[int(np.argmin(areas))]}: annotation is empty")
     labels = np.zeros(height * width, dtype=np.uint16)
-    for k in _paint_order(areas):
+    for k in paint_order(areas):
         labels[indices[k]] = k + 1
     kept = np.bincount(labels, minlength=len(indices) + 1)[1:]
     claimed = np.concatenate(indices)
@@ -81,9 +75,33 @@ def decode_image(annotations: pd.DataFrame, shape: tuple[int, int], where: Path)
     return DecodedImage(labels.reshape(height, width), instances, overlap_pixels)
 
 
-def _paint_order(areas: np.ndarray) -> np.ndarray:
-    """Indices in painting order: largest area first; among equal areas the later row first."""
+def instance_pixels(annotations: pd.DataFrame, shape: tuple[int, int], where: Path) -> list[np.ndarray]:
+    """Each annotation's flat (row-major) pixel indices in an image of ``shape``; errors name ``where`` and the row."""
+    indices = []
+    for row, annotation in zip(annotations["row"], annotations["annotation"]):
+        try:
+            indices.append(rle.pixels(annotation, shape))
+        except rle.RLEError as exc:
+            raise DataError(f"{where}: row {row}: malformed RLE: {exc}") from None
+        if not len(indices[-1]):
+            raise DataError(f"{where}: row {row}: annotation is empty")
+    return indices
+
+
+def paint_order(areas: np.ndarray) -> np.ndarray:
+    """Indices in painting order (the overlap rule): largest area first; among equal areas the later row first."""
     return np.lexsort((-np.arange(len(areas)), -areas))
+
+
+def read_source_image(data: SourceData, image: Any) -> np.ndarray:
+    """The pixels of one ``data.images`` row (a namedtuple), checked against the size the annotations give."""
+    pixels = read_gray(data.root / image.file_name)
+    if pixels.shape != (image.height, image.width):
+        raise DataError(
+            f"{data.root / image.file_name}: image is {pixels.shape[1]}x{pixels.shape[0]} but "
+            f"{data.annotation_file} row {image.row} says {image.width}x{image.height}"
+        )
+    return pixels
 
 
 def decode_dataset(data: SourceData, out_dir: str | Path) -> pd.DataFrame:
@@ -93,12 +111,7 @@ def decode_dataset(data: SourceData, out_dir: str | Path) -> pd.DataFrame:
     with atomic_path(out_dir, directory=True) as tmp:
         (tmp / LABELS_DIR).mkdir()
         for image in tqdm(data.images.itertuples(index=False), total=len(data.images), desc="decode", unit="img"):
-            pixels = read_gray(data.root / image.file_name)
-            if pixels.shape != (image.height, image.width):
-                raise DataError(
-                    f"{data.root / image.file_name}: image is {pixels.shape[1]}x{pixels.shape[0]} but "
-                    f"{data.annotation_file} row {image.row} says {image.width}x{image.height}"
-                )
+            pixels = read_source_image(data, image)
             decoded = decode_image(by_image[image.image_id], pixels.shape, data.annotation_file)
             write_png(tmp / LABELS_DIR / f"{image.image_id}.png", decoded.labels)
             instance_tables.append(decoded.instances.assign(image_id=image.image_id, cell_type=image.cell_type))

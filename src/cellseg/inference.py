@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import MaskRCNNParams, UNetParams
-from cellseg.data import normalize
+from cellseg.data import padded_input
 from cellseg.errors import DataError
 from cellseg.postprocess import watershed_instances
 
@@ -67,8 +67,7 @@ class UNetPredictor:
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """(3, H, W) class probabilities of one whole image (padded to a multiple of 32 for the network)."""
         height, width = image.shape
-        pad = ((0, -height % 32), (0, -width % 32))
-        tensor = normalize(np.pad(image, pad, mode="reflect"), self.params.mean, self.params.std, self.params.channels)
+        tensor, _ = padded_input(image, self.params.mean, self.params.std, self.params.channels)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
             logits = self.model(tensor.unsqueeze(0).to(self.device))
         return logits.float().softmax(dim=1)[0, :, :height, :width].cpu().numpy()

@@ -9,7 +9,8 @@ Usage (the trainer)::
         tracker.log_model(model, name="model")  # mlflow.pytorch.load_model(f"runs:/{run_id}/model")
 
 Leaving the ``with`` block ends the run: FINISHED, FAILED on an exception, KILLED on Ctrl-C.
-``open_tracker(enabled=False)`` returns a ``Tracker`` whose methods do nothing.
+``open_tracker(enabled=False)`` returns a ``Tracker`` whose methods do nothing, and so does ``open_tracker`` in
+every process but rank 0 of a ``torchrun`` launch (:mod:`cellseg.distributed`): one run per training.
 
 Tracking URI: the ``uri`` argument, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
 That default is MLflow 3's own (``mlflow.store.tracking.DEFAULT_TRACKING_URI``): ``mlflow ui`` run
@@ -289,10 +290,12 @@ def open_tracker(
 ) -> Tracker:
     """Open the tracking store (see the module docstring) and get or create ``experiment``.
 
-    Raises ResourceError if the server or store cannot be reached; ``enabled=False`` gives a
-    do-nothing ``Tracker`` and touches nothing.
+    Raises ResourceError if the server or store cannot be reached; ``enabled=False``, or a process other than
+    rank 0 under ``torchrun``, gives a do-nothing ``Tracker`` and touches nothing.
     """
-    if not enabled:
+    from cellseg.distributed import is_main  # imports torch, which the rest of this module does not need
+
+    if not enabled or not is_main():
         return Tracker()
     resolved = tracking_uri(uri)
     if urllib.parse.urlparse(resolved).scheme in ("http", "https"):

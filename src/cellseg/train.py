@@ -3,7 +3,8 @@
 A model family plugs in through a :class:`Task` (how to compute its losses on a batch and how to validate);
 the loop does the rest: device choice, AMP and channels_last on CUDA, AdamW with linear warm-up and cosine
 decay, gradient clipping, per-epoch metrics (CSV for ``dvc plots``, MLflow through :mod:`cellseg.tracking`),
-``last.pt`` every epoch, ``best.pt`` by the validation metric, and resume from ``last.pt``.
+``last.pt`` every epoch, ``best.pt`` by the validation metric, and resume from ``last.pt``. Launched by
+``torchrun``, it trains with Distributed Data Parallel (see :mod:`cellseg.distributed` and :func:`fit`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cellseg import distributed
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import TrainParams
 from cellseg.errors import DataError, TrainingError
@@ -44,7 +46,10 @@ class Task(Protocol):
     monitor: str  # validation metric that selects best.pt (higher is better)
 
     def train_step(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        """Losses of one batch: ``"loss"`` (to minimise) plus any detached per-batch statistics."""
+        """Losses of one batch: ``"loss"`` (to minimise) plus any detached per-batch statistics.
+
+        ``model`` is the model being trained, wrapped in DistributedDataParallel under torchrun: call it, do not
+        reach into its attributes."""
 
     def validate(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict[str, float]:
         """Validation metrics over the whole validation set (must include ``monitor``)."""
@@ -136,112 +141,135 @@ def fit(
     open :class:`~cellseg.tracking.Tracker`) a run with ``run_params``, ``run_tags`` and every epoch's metrics. With
     ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
     scaler, epoch, history, RNG, MLflow run).
+
+    Under ``torchrun`` (:mod:`cellseg.distributed`) each process trains on its shard of every epoch with
+    ``config.batch_size`` samples per step (the global batch is ``batch_size`` × the number of processes), in
+    DistributedDataParallel: gradients are averaged over the processes, so that their weights stay equal. The
+    epoch's training statistics are over all processes; rank 0 alone validates, writes the checkpoints and the
+    CSV, and logs (other ranks should get a do-nothing tracker, as :func:`~cellseg.tracking.open_tracker`
+    gives them); every rank returns rank 0's history. On resume every rank loads ``last.pt``.
     """
-    device = pick_device(config.device)
-    cuda = device.type == "cuda"
-    seed_everything(config.seed)
-    model.to(device)
-    if config.channels_last and cuda:
-        model.to(memory_format=torch.channels_last)
-    loader = _train_loader(train_set, config, collate_fn, cuda)
-    val_loader = DataLoader(
-        val_set, batch_size=val_batch_size, shuffle=False, num_workers=config.workers, collate_fn=val_collate_fn,
-        pin_memory=cuda, persistent_workers=config.workers > 0,
-    )
-    steps_per_epoch = len(loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
-    history: list[dict[str, float]] = []
-    best = -math.inf
-    start_epoch = 0
-    run_id = None
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if config.resume and last_path.is_file():
-        state = load_checkpoint(last_path, task.name)
-        missing = [key for key in RESUME_ENTRIES if key not in state]
-        if missing:
-            raise DataError(f"{last_path}: cannot resume from it: no {', '.join(missing)} (a best.pt, not a last.pt?)")
-        try:
-            model.load_state_dict(state["model_state"])
-        except RuntimeError as exc:
-            reason = " ".join(str(exc).split())[:200]
-            raise DataError(f"{last_path}: cannot resume from it: its weights do not fit this model ({reason})") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        history, best, start_epoch, run_id = state["history"], state["best"], state["epoch"], state["run_id"]
-        log.info("resuming %s from %s after epoch %d of %d", task.name, last_path, start_epoch, config.epochs)
-    elif config.resume:
-        log.info("resume requested but %s does not exist: starting from scratch", last_path)
-    tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id)
-    epoch_log = EpochLog(metrics_file)
-    for epoch in range(start_epoch, config.epochs):
-        loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order whether resumed or not
-        began = time.perf_counter()
-        train_stats, seen = _train_epoch(model, task, loader, optimizer, scheduler, scaler, config, device, epoch)
-        train_time = time.perf_counter() - began
-        val_stats = task.validate(model, val_loader, device)
-        row = {
-            "epoch": epoch + 1,
-            **{f"train/{k}": v for k, v in train_stats.items()},
-            **{f"val/{k}": v for k, v in val_stats.items()},
-            "lr": scheduler.get_last_lr()[0],
-            "train/samples_per_s": seen / train_time,
-            "epoch_time_s": time.perf_counter() - began,
-            **({"gpu_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}),
-        }
-        history.append(row)
-        monitored = val_stats[task.monitor]
-        improved = monitored > best
-        best = max(best, monitored)
-        checkpoint = {
-            "model_params": dict(model_params or {}),
-            "model_state": model.state_dict(),
-            "epoch": epoch + 1,
-            "best": best,
-            "history": history,
-            "monitor": task.monitor,
-            "run_id": tracker.run_id,
-        }
-        if improved:
-            save_checkpoint(best_path, task.name, checkpoint)
-        save_checkpoint(
-            last_path,
-            task.name,
-            {
-                **checkpoint,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-            },
+    main = distributed.is_main()
+    seed_everything(config.seed)  # alike on every rank: they shard one data order (and the same RNG state resumes)
+    with distributed.session(pick_device(config.device)) as device:
+        cuda = device.type == "cuda"
+        model.to(device)
+        if config.channels_last and cuda:
+            model.to(memory_format=torch.channels_last)
+        loader = _train_loader(train_set, config, collate_fn, cuda)
+        val_loader = DataLoader(
+            val_set, batch_size=val_batch_size, shuffle=False, num_workers=config.workers, collate_fn=val_collate_fn,
+            pin_memory=cuda, persistent_workers=config.workers > 0,
         )
-        epoch_log.write(history)
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        log.info(
-            "epoch %d/%d: %s", epoch + 1, config.epochs,
-            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        steps_per_epoch = len(loader)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
         )
+        scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+        history: list[dict[str, float]] = []
+        best = -math.inf
+        start_epoch = 0
+        run_id = None
+        last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+        if config.resume and last_path.is_file():
+            history, best, start_epoch, run_id = _resume(last_path, task.name, model, optimizer, scheduler, scaler)
+            if main:
+                log.info("resuming %s from %s after epoch %d of %d", task.name, last_path, start_epoch, config.epochs)
+        elif config.resume and main:
+            log.info("resume requested but %s does not exist: starting from scratch", last_path)
+        trained = distributed.wrap(model, device)  # trains; `model` (the same weights) validates and is saved
+        tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id)
+        epoch_log = EpochLog(metrics_file)
+        for epoch in range(start_epoch, config.epochs):
+            loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order whether resumed or not
+            began = time.perf_counter()
+            train_stats, seen = _train_epoch(trained, task, loader, optimizer, scheduler, scaler, config, device, epoch)
+            train_time = time.perf_counter() - began
+            val_stats = task.validate(model, val_loader, device) if main else {}
+            row = distributed.broadcast({  # rank 0's: the others did not validate
+                "epoch": epoch + 1,
+                **{f"train/{k}": v for k, v in train_stats.items()},
+                **{f"val/{k}": v for k, v in val_stats.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "train/samples_per_s": seen / train_time,
+                "epoch_time_s": time.perf_counter() - began,
+                **({"gpu_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}),
+            })
+            history.append(row)
+            monitored = row[f"val/{task.monitor}"]
+            improved = monitored > best
+            best = max(best, monitored)
+            if not main:  # rank 0 alone writes and logs
+                continue
+            checkpoint = {
+                "model_params": dict(model_params or {}),
+                "model_state": model.state_dict(),
+                "epoch": epoch + 1,
+                "best": best,
+                "history": history,
+                "monitor": task.monitor,
+                "run_id": tracker.run_id,
+            }
+            if improved:
+                save_checkpoint(best_path, task.name, checkpoint)
+            save_checkpoint(
+                last_path,
+                task.name,
+                {
+                    **checkpoint,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                },
+            )
+            epoch_log.write(history)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            log.info(
+                "epoch %d/%d: %s", epoch + 1, config.epochs,
+                ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+            )
     return history
 
 
+def _resume(
+    last_path: Path,
+    model_name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> tuple[list[dict[str, float]], float, int, str | None]:
+    """Restore the training state of ``last_path`` (on every rank alike); return its history, best, epoch and run id."""
+    state = load_checkpoint(last_path, model_name)
+    missing = [key for key in RESUME_ENTRIES if key not in state]
+    if missing:
+        raise DataError(f"{last_path}: cannot resume from it: no {', '.join(missing)} (a best.pt, not a last.pt?)")
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise DataError(f"{last_path}: cannot resume from it: its weights do not fit this model ({reason})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return state["history"], state["best"], state["epoch"], state["run_id"]
+
+
 def _train_loader(train_set: Dataset, config: TrainParams, collate_fn: Callable | None, cuda: bool) -> DataLoader:
+    """This rank's batches of its shard of ``samples_per_epoch`` (default: all) random samples per epoch.
+
+    The samples and their order come from the loader's generator, which :func:`fit` seeds for each epoch; it
+    also gives the workers' seeds (the DataLoader draws them from it first).
+    """
     generator = torch.Generator()
-    if config.samples_per_epoch is not None and config.samples_per_epoch < len(train_set):
-        sampler = torch.utils.data.RandomSampler(train_set, num_samples=config.samples_per_epoch, generator=generator)
-        return DataLoader(
-            train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-            collate_fn=collate_fn, pin_memory=cuda, drop_last=True, worker_init_fn=_seed_worker,
-            persistent_workers=False, generator=generator,
-        )
+    drawn = min(config.samples_per_epoch or len(train_set), len(train_set))
+    sampler = distributed.ShardSampler(len(train_set), drawn, generator, distributed.rank(), distributed.world_size())
     return DataLoader(
-        train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers, collate_fn=collate_fn,
-        pin_memory=cuda, drop_last=len(train_set) > config.batch_size, worker_init_fn=_seed_worker,
-        generator=generator,
+        train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate_fn,
+        pin_memory=cuda, drop_last=len(sampler) > config.batch_size, worker_init_fn=_seed_worker, generator=generator,
     )
 
 
@@ -256,11 +284,15 @@ def _train_epoch(
     device: torch.device,
     epoch: int,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns the sample-weighted mean of each statistic and the samples seen."""
+    """One pass over ``loader``; returns the sample-weighted mean of each statistic and the samples seen, over
+    all ranks."""
     model.train()
     sums: dict[str, float] = {}
     seen = 0
-    progress = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+    progress = tqdm(
+        loader, desc=f"{task.name} epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+        disable=not distributed.is_main(),
+    )
     for batch in progress:
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             stats = task.train_step(model, batch, device)
@@ -280,7 +312,8 @@ def _train_epoch(
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
         progress.set_postfix(loss=f"{loss.item():.4f}")
-    return {key: value / max(seen, 1) for key, value in sums.items()}, seen
+    seen = int(distributed.all_sum({"seen": seen})["seen"])
+    return {key: value / max(seen, 1) for key, value in distributed.all_sum(sums).items()}, seen
 
 
 def _batch_size(batch: Batch) -> int:
@@ -307,12 +340,15 @@ def train_tracked(
     """:func:`fit`, then the run's records: curves PNG, ``train.json`` summary, MLflow artifacts and best model.
 
     Writes ``model_dir/{last,best}.pt`` and ``metrics_dir/{epochs.csv,curves.png,train.json}``; returns the summary.
+    Under ``torchrun`` only rank 0 writes and logs them; the other ranks return an empty summary.
     """
     with tracker:
         history = fit(
             model, task, train_set, val_set, config, model_dir, metrics_dir / "epochs.csv", tracker,
             model_params=model_params, run_params=run_params, run_tags=run_tags, **loader_options,
         )
+        if not distributed.is_main():
+            return {}
         curves = metrics_dir / "curves.png"
         training_curves(history, curves, f"{task.name}: training curves")
         best = load_checkpoint(model_dir / "best.pt", task.name)

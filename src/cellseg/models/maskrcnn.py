@@ -20,7 +20,6 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, maskrcnn_resnet50_fpn_v2
@@ -30,19 +29,18 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor as MaskHead
 from torchvision.models.detection.rpn import RPNHead
 
 from cellseg.config import MaskRCNNParams
-from cellseg.data import ImageStore
 from cellseg.checkpoint import read_weights
+from cellseg.decode import instance_pixels, paint_order, read_source_image
 from cellseg.errors import DataError, ParamsError, ResourceError
 from cellseg.inference import Instances
 from cellseg.metrics import CompetitionScore
 from cellseg.postprocess import remove_overlaps
-from cellseg.sources import CELL_TYPES
+from cellseg.sources import CELL_TYPES, SourceData
 
 log = logging.getLogger(__name__)
 
 PARAM = "maskrcnn.weights"
 BASE_SIZE = (520, 704)  # (height, width) of the competition images: the model's size at image_scale 1
-BOX_SCORE_THRESH = 0.05  # low: the per-class thresholds are applied by predict_instances
 # Heads whose tensors depend on the class count or the anchors per location: a file may differ there.
 HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
 
@@ -55,7 +53,9 @@ def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
         "image_mean": [params.mean] * 3,
         "image_std": [params.std] * 3,
         "box_detections_per_img": params.detections_per_img,
-        "box_score_thresh": BOX_SCORE_THRESH,
+        # Detections under every class's threshold are dropped before the mask head and full-size mask pasting
+        # (4× faster inference for a weak model on CPU); predict_instances applies each class's own threshold.
+        "box_score_thresh": min(params.score_threshold.values()),
         "box_batch_size_per_image": params.box_batch_size_per_image,
         "rpn_pre_nms_top_n_train": params.rpn_pre_nms_top_n,
         "rpn_pre_nms_top_n_test": params.rpn_pre_nms_top_n,
@@ -131,22 +131,19 @@ def category_id(cell_type: str) -> int:
     return CELL_TYPES.index(cell_type) + 1
 
 
-def instance_target(labels: np.ndarray, category: int) -> dict[str, torch.Tensor]:
-    """Boxes (xyxy, exclusive max), labels and uint8 masks of the instances present in a label image."""
-    height, width = labels.shape
-    slices = ndimage.find_objects(labels)
-    present = [(i + 1, s) for i, s in enumerate(slices) if s is not None]
-    ids = np.array([i for i, _ in present], dtype=np.int64)
-    boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for _, s in present], dtype=np.float32)
-    index = np.zeros(len(slices) + 1, dtype=np.int64)  # label → mask index
-    index[ids] = np.arange(len(ids))
-    ys, xs = np.nonzero(labels)
-    masks = np.zeros((len(ids), height, width), dtype=np.uint8)
-    masks[index[labels[ys, xs]], ys, xs] = 1
+def instance_target(masks: np.ndarray, category: int) -> dict[str, torch.Tensor]:
+    """Boxes (xyxy, exclusive max), labels and masks of an N×H×W uint8 stack; empty masks are left out."""
+    rows, cols = masks.any(axis=2), masks.any(axis=1)
+    present = rows.any(axis=1)
+    rows, cols = rows[present], cols[present]
+    height, width = masks.shape[1:]
+    boxes = np.stack(
+        [cols.argmax(1), rows.argmax(1), width - cols[:, ::-1].argmax(1), height - rows[:, ::-1].argmax(1)], axis=1
+    )
     return {
-        "boxes": torch.from_numpy(boxes.reshape(-1, 4)),
-        "labels": torch.full((len(ids),), category, dtype=torch.int64),
-        "masks": torch.from_numpy(masks),
+        "boxes": torch.from_numpy(boxes.astype(np.float32).reshape(-1, 4)),
+        "labels": torch.full((len(boxes),), category, dtype=torch.int64),
+        "masks": torch.from_numpy(np.ascontiguousarray(masks[present])),
     }
 
 
@@ -159,29 +156,52 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 class InstanceDataset(Dataset):
     """Whole images (3×H×W in [0, 1], grey repeated; the model normalises) with their Mask R-CNN targets.
 
-    The augmentation moves image and label image together before the targets are built. In DataLoader
-    workers it is reseeded from the worker's seed on first use, as in :class:`cellseg.data.PatchDataset`.
+    Built from a :class:`~cellseg.sources.SourceData` — in the pipeline the ``coco`` stage's json read by
+    :func:`cellseg.coco.coco_to_source` — each instance keeps its own whole mask, overlaps with other cells
+    included (the label images of the ``decode`` stage would have trimmed them). Images and the instances'
+    pixel indices are held in memory; the N×H×W mask stack is built per item. The augmentation moves image
+    and masks together; an instance it moves out of the image is left out. In DataLoader workers the
+    augmentation is reseeded from the worker's seed on first use, as in :class:`cellseg.data.PatchDataset`.
     """
 
-    def __init__(self, image_ids: Sequence[str], store: ImageStore, augment: A.Compose | None = None) -> None:
-        self.image_ids = list(image_ids)
-        self.categories = [category_id(store.cell_type(i)) for i in self.image_ids]  # fails now on unknown ids
-        self.store = store
+    def __init__(self, data: SourceData, augment: A.Compose | None = None) -> None:
+        by_image = dict(tuple(data.annotations.groupby("image_id", sort=False)))
+        self.image_ids: list[str] = []
+        self.cell_types: list[str] = []
+        self.categories: list[int] = []
+        self._images: list[np.ndarray] = []
+        self._pixels: list[np.ndarray] = []  # every instance's flat pixel indices, concatenated
+        self._areas: list[np.ndarray] = []
+        for image in data.images.itertuples(index=False):
+            self.categories.append(category_id(image.cell_type))  # fails now on an unknown type
+            pixels = read_source_image(data, image)
+            indices = instance_pixels(by_image[image.image_id], pixels.shape, data.annotation_file)
+            self.image_ids.append(image.image_id)
+            self.cell_types.append(image.cell_type)
+            self._images.append(pixels)
+            self._pixels.append(np.concatenate(indices).astype(np.int32))
+            self._areas.append(np.array([len(i) for i in indices], dtype=np.int64))
         self.augment = augment
         self._seeded_worker: int | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def masks(self, i: int) -> np.ndarray:
+        """Item ``i``'s instances as an N×H×W uint8 stack (1 inside), in annotation order."""
+        image, areas = self._images[i], self._areas[i]
+        masks = np.zeros((len(areas), image.size), dtype=np.uint8)
+        masks[np.repeat(np.arange(len(areas)), areas), self._pixels[i]] = 1
+        return masks.reshape(len(areas), *image.shape)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image_id = self.image_ids[i]
-        image, labels = self.store.image(image_id), self.store.labels(image_id)
+        image, masks = self._images[i], self.masks(i)
         if self.augment is not None:
             self._seed_worker()
-            out = self.augment(image=image, mask=labels)
-            image, labels = out["image"], out["mask"]
-        target = instance_target(np.ascontiguousarray(labels), self.categories[i])
-        return image_tensor(image), {**target, "image_id": image_id, "cell_type": self.store.cell_type(image_id)}
+            out = self.augment(image=image, masks=masks)
+            image, masks = out["image"], np.asarray(out["masks"])
+        target = instance_target(masks, self.categories[i])
+        return image_tensor(image), {**target, "image_id": self.image_ids[i], "cell_type": self.cell_types[i]}
 
     def _seed_worker(self) -> None:
         info = get_worker_info()
@@ -240,16 +260,19 @@ def predict_instances(
 
 
 def target_labels(target: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """The uint16 label image of a target's non-overlapping masks (mask ``k`` → label ``k + 1``).
+    """The uint16 label image of a target's masks (mask ``k`` → label ``k + 1``), overlaps resolved as the
+    ``decode`` stage does (:func:`cellseg.decode.paint_order`: the smaller cell keeps shared pixels), so that
+    validation scores against the same truth as the ``evaluate`` stage.
 
-    Each mask is read only inside its box (as :func:`instance_target` builds them): ~10 ms for 800 cells,
-    where a reduction over the N×H×W stack takes seconds.
+    Each mask is read only inside its box: ~10 ms for 800 cells, where a reduction over the N×H×W stack takes seconds.
     """
     masks = target["masks"].cpu().numpy()
+    boxes = target["boxes"].cpu().numpy().astype(np.int64)
+    windows = [masks[k, y0:y1, x0:x1] > 0 for k, (x0, y0, x1, y1) in enumerate(boxes)]
     labels = np.zeros(masks.shape[1:], dtype=np.uint16)
-    for k, (x0, y0, x1, y1) in enumerate(target["boxes"].cpu().numpy().astype(np.int64)):
-        window = labels[y0:y1, x0:x1]
-        window[masks[k, y0:y1, x0:x1] > 0] = k + 1
+    for k in paint_order(np.array([w.sum() for w in windows], dtype=np.int64)):
+        x0, y0, x1, y1 = boxes[k]
+        labels[y0:y1, x0:x1][windows[k]] = k + 1
     return labels
 
 

@@ -102,7 +102,12 @@ def _check_values(table: pd.DataFrame, csv_path: Path) -> None:
     empty = table["annotation"].str.strip() == ""
     if empty.any():
         _fail(csv_path, table[empty], "annotation is empty")
-    per_image = ["width", "height", "cell_type", "sample_id", "plate_time", "sample_date", "elapsed_timedelta"]
+    metadata = ["plate_time", "sample_date", "sample_id", "elapsed_timedelta"]
+    for column in metadata:  # pandas pads a row with too few fields with empty strings
+        blank = table[column].str.strip() == ""
+        if blank.any():
+            _fail(csv_path, table[blank], f"{column} is empty (a row with fewer fields than the header?)")
+    per_image = ["width", "height", "cell_type", *metadata]
     for column in per_image:
         first = table.groupby("id", sort=False)[column].transform("first")
         differs = table[column] != first
