@@ -202,6 +202,17 @@ def _pss_mb(process: psutil.Process) -> float:
     return sum(p.memory_full_info().pss for p in [process, *process.children(recursive=True)]) / MB
 
 
+def patch_dataset(data_root: Path, decoded: Path, patches: Path, max_images: int) -> PatchDataset:
+    """The U-Net's training dataset (default params: windows, augmentations) over the first ``max_images`` images
+    of the patch index."""
+    index = pd.read_parquet(patches)
+    ids = list(dict.fromkeys(index["image_id"]))[:max_images]
+    index = index[index["image_id"].isin(ids)]
+    unet = config.UNetParams()
+    store = ImageStore(data_root, decoded, ids, unet.boundary_width)
+    return PatchDataset(index, store, build_augmentations(unet.augment, seed=0), unet.mean, unet.std, unet.channels)
+
+
 def loading(data_root: Path, decoded: Path, patches: Path, max_images: int, batches: int) -> list[Result]:
     """Samples/s of the U-Net's training DataLoader (256-px windows, recipe augmentations, batch 64) for 0–2 workers.
 
@@ -209,12 +220,7 @@ def loading(data_root: Path, decoded: Path, patches: Path, max_images: int, batc
     how many). Torch runs one intra-op thread, as it does in DataLoader workers; one more row shows the main
     process with torch's default thread count.
     """
-    index = pd.read_parquet(patches)
-    ids = list(dict.fromkeys(index["image_id"]))[:max_images]
-    index = index[index["image_id"].isin(ids)]
-    unet = config.UNetParams()
-    store = ImageStore(data_root, decoded, ids, unet.boundary_width)
-    dataset = PatchDataset(index, store, build_augmentations(unet.augment, seed=0), unet.mean, unet.std, unet.channels)
+    dataset = patch_dataset(data_root, decoded, patches, max_images)
     batches = min(batches, len(dataset) // 64 - 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

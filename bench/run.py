@@ -15,6 +15,7 @@ import platform
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from the library inside the benchmarks
@@ -22,7 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from the library 
 import pandas as pd
 import psutil
 import torch
-from cases import loading, metric, rle_codecs, stages
+from cases import loading, metric, patch_dataset, rle_codecs, stages
 from gpu import gpu
 from measure import Result
 
@@ -103,7 +104,8 @@ def main() -> None:
         print("5: GPU ...", flush=True)
         instances = InstanceDataset(load_source("synthetic", data, limit_images=2))
         samples = [instances[i] for i in range(len(instances))]
-        parts["5"] = gpu(samples, args.quick)
+        patches = partial(patch_dataset, data, decoded, work / "patches.parquet", max_images=n_images)
+        parts["5"] = gpu(samples, patches, args.quick)
 
     rows = [row for part in sorted(parts) for row in parts[part]]
     print()
