@@ -25,6 +25,7 @@ from cellseg.models.maskrcnn import (
     build_maskrcnn,
     collate,
     instance_target,
+    paste_windows,
     predict_instances,
     target_labels,
 )
@@ -66,9 +67,13 @@ def tiny_batch(n_images: int = 1, height: int = 64, width: int = 96) -> tuple[li
 
 
 def fake_output(masks: list[np.ndarray], classes: list[int], scores: list[float]) -> dict[str, torch.Tensor]:
-    """A Mask R-CNN output dict for hand-made soft masks."""
+    """A Mask R-CNN output dict for hand-made soft masks (each box: its mask's non-zero extent)."""
+    boxes = []
+    for mask in masks:
+        rows, cols = np.nonzero(mask)
+        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
     return {
-        "boxes": torch.zeros(len(masks), 4),
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
         "labels": torch.tensor(classes, dtype=torch.int64),
         "scores": torch.tensor(scores, dtype=torch.float32),
         "masks": torch.from_numpy(np.stack(masks).astype(np.float32))[:, None],
@@ -158,6 +163,25 @@ def test_detections_under_every_threshold_are_dropped_early_without_changing_ins
     np.testing.assert_array_equal(kept.scores, reference.scores)
 
 
+def test_paste_windows_hold_every_pasted_mask_pixel() -> None:
+    """Where a real model (random init, boxes of all sizes and at the borders) pasted a mask, the window has it."""
+    params = tiny_params(score_threshold={t: 0.0 for t in CELL_TYPES}, detections_per_img=100)
+    torch.manual_seed(0)
+    model = build_maskrcnn(params).eval()
+    images, _ = tiny_batch(2)
+    with torch.inference_mode():
+        outputs = model(images)
+    for output in outputs:
+        masks = output["masks"][:, 0].numpy()
+        windows = paste_windows(output["boxes"].numpy(), masks.shape[1:])
+        assert len(masks) > 50
+        for mask, (x0, y0, x1, y1) in zip(masks, windows):
+            assert 0 <= x0 < x1 <= masks.shape[2] and 0 <= y0 < y1 <= masks.shape[1]
+            inside = np.zeros(mask.shape, dtype=bool)
+            inside[y0:y1, x0:x1] = True
+            assert mask[inside].any() and not mask[~inside].any()
+
+
 def test_overlap_goes_to_the_higher_score() -> None:
     shape = (20, 30)
     low = box(shape, slice(2, 12), slice(2, 16))
@@ -197,7 +221,8 @@ def test_missing_per_class_entry_is_named() -> None:
 
 
 def test_empty_output() -> None:
-    output = {"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 8, 9)}
+    output = {"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 8, 9),
+              "boxes": torch.zeros(0, 4)}
     instances = predict_instances(output, tiny_params())
     assert instances.labels.shape == (8, 9) and not instances.labels.any() and len(instances.classes) == 0
 

