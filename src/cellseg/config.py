@@ -80,7 +80,7 @@ class TrainParams(Section):
     """``train.<model>``: the shared trainer's settings for one model."""
 
     epochs: int = Field(default=15, ge=1)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # per process under torchrun (global batch: batch_size × processes)
     lr: float = Field(default=1e-3, gt=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     warmup_epochs: float = Field(default=0.5, ge=0.0)
@@ -91,7 +91,7 @@ class TrainParams(Section):
     amp: bool = True
     channels_last: bool = True
     device: str = "auto"
-    samples_per_epoch: int | None = Field(default=None, ge=1)
+    samples_per_epoch: int | None = Field(default=None, ge=1)  # over all processes under torchrun
 
 
 class MaskRCNNParams(Section):

@@ -70,18 +70,21 @@ def session(device: torch.device) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
     """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` inside a :func:`session` (it starts
     every rank from rank 0's weights and buffers and averages the gradients over the ranks in each backward),
     else ``model`` itself.
 
-    ``find_unused_parameters`` stays off: both models use every trainable parameter in every training step
-    (Mask R-CNN too, on images without any cell: torchvision keeps its heads in the graph with zero losses).
-    A model that skips parameters makes DDP raise on the next step, naming them.
+    A model with trainable parameters that take no part in the loss needs ``find_unused_parameters`` (a search
+    of the autograd graph at each step), else DDP raises at the next step, naming them. Mask R-CNN needs none:
+    torchvision keeps every head in the graph, with zero losses on images without any cell.
     """
     if not dist.is_initialized():
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def broadcast(value: T) -> T:
@@ -94,14 +97,16 @@ def broadcast(value: T) -> T:
 
 
 def all_sum(values: Mapping[str, float]) -> dict[str, float]:
-    """Each value summed over the ranks (every rank passes the same keys); a copy outside a :func:`session`."""
+    """Each value summed over the ranks (every rank passes the same keys), in the order of ``values``; a copy
+    outside a :func:`session`."""
     if not dist.is_initialized():
         return dict(values)
-    keys = sorted(values)
+    keys = sorted(values)  # the ranks' orders may differ
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     total = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return dict(zip(keys, total.tolist()))
+    summed = dict(zip(keys, total.tolist()))
+    return {key: summed[key] for key in values}
 
 
 class ShardSampler(Sampler[int]):

@@ -293,7 +293,8 @@ def open_tracker(
     Raises ResourceError if the server or store cannot be reached; ``enabled=False``, or a process other than
     rank 0 under ``torchrun``, gives a do-nothing ``Tracker`` and touches nothing.
     """
-    from cellseg.distributed import is_main  # imports torch, which the rest of this module does not need
+    # Imported here: cellseg.distributed imports torch, which the rest of this module does not need.
+    from cellseg.distributed import is_main
 
     if not enabled or not is_main():
         return Tracker()

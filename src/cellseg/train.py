@@ -40,7 +40,11 @@ RESUME_ENTRIES = ("model_state", "epoch", "best", "history", "run_id", "optimize
 
 
 class Task(Protocol):
-    """What the trainer needs from a model family."""
+    """What the trainer needs from a model family.
+
+    A task whose model has parameters that take no part in the loss also sets ``find_unused_parameters = True``
+    (read with a default of False; see :func:`cellseg.distributed.wrap`).
+    """
 
     name: str  # model name, stored in checkpoints
     monitor: str  # validation metric that selects best.pt (higher is better)
@@ -150,7 +154,8 @@ def fit(
     gives them); every rank returns rank 0's history. On resume every rank loads ``last.pt``.
     """
     main = distributed.is_main()
-    seed_everything(config.seed)  # alike on every rank: they shard one data order (and the same RNG state resumes)
+    # Alike on every rank: their random streams stay alike, so that rank 0's saved RNG state resumes them all.
+    seed_everything(config.seed)
     with distributed.session(pick_device(config.device)) as device:
         cuda = device.type == "cuda"
         model.to(device)
@@ -178,11 +183,12 @@ def fit(
                 log.info("resuming %s from %s after epoch %d of %d", task.name, last_path, start_epoch, config.epochs)
         elif config.resume and main:
             log.info("resume requested but %s does not exist: starting from scratch", last_path)
-        trained = distributed.wrap(model, device)  # trains; `model` (the same weights) validates and is saved
+        # `trained` trains; `model` (the same weights) validates and is saved.
+        trained = distributed.wrap(model, device, getattr(task, "find_unused_parameters", False))
         tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id)
         epoch_log = EpochLog(metrics_file)
         for epoch in range(start_epoch, config.epochs):
-            loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order whether resumed or not
+            loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order resumed or not, on every rank
             began = time.perf_counter()
             train_stats, seen = _train_epoch(trained, task, loader, optimizer, scheduler, scaler, config, device, epoch)
             train_time = time.perf_counter() - began
@@ -261,8 +267,9 @@ def _resume(
 def _train_loader(train_set: Dataset, config: TrainParams, collate_fn: Callable | None, cuda: bool) -> DataLoader:
     """This rank's batches of its shard of ``samples_per_epoch`` (default: all) random samples per epoch.
 
-    The samples and their order come from the loader's generator, which :func:`fit` seeds for each epoch; it
-    also gives the workers' seeds (the DataLoader draws them from it first).
+    The samples and their order come from the loader's generator, which :func:`fit` seeds alike on every rank
+    for each epoch; it also gives the workers' seeds (the DataLoader draws them from it first), so that the
+    ranks' workers draw alike augmentations, for different samples.
     """
     generator = torch.Generator()
     drawn = min(config.samples_per_epoch or len(train_set), len(train_set))

@@ -117,6 +117,10 @@ class UNetTask:
 
     name = "unet"
     monitor = "dice"
+    # smp's EfficientNet encoders keep their classifier's last convolution and BatchNorm (encoder._conv_head,
+    # encoder._bn1), which the U-Net never uses: DistributedDataParallel must look for unused parameters, or
+    # it fails at the second step.
+    find_unused_parameters = True
 
     def __init__(self, loss: str = "ce_dice", channels_last: bool = False) -> None:
         if loss not in LOSSES:
