@@ -64,7 +64,7 @@ def _log_to_runs(tracking, checkpoints, evaluations, plots) -> None:
         with open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=e.name) as tracker:
             try:
                 tracker.start(params={}, tags={}, run_id=run_id)
-            except ResourceError as exc:  # e.g. a `dvc exp run --temp` copy with its own store
+            except ResourceError as exc:  # e.g. the run was deleted from the store, or it is another store
                 log.warning("evaluation not added to the %s MLflow run: %s", e.name, exc)
                 continue
             tracker.log_metrics({f"eval/{k}": v for k, v in e.metrics.items()}, step=int(checkpoints[e.name]["epoch"]))

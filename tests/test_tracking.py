@@ -73,6 +73,28 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert tracking_uri("sqlite:////abs/t.db") == "sqlite:////abs/t.db"
 
 
+def test_runs_of_a_dvc_temporary_copy_go_to_the_project_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dvc exp run --temp`` / queued experiments run in ``<project>/.dvc/tmp/exps/<tmp>``: the default store,
+    and a new experiment's artifacts, are the project's, not the copy's (deleted when the run ends)."""
+    project = tmp_path / "project"
+    copy = project / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    (copy / "stages").mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(copy / "stages")
+    assert tracking_uri(None) == f"sqlite:///{project}/mlflow.db"
+    assert tracking_uri("sqlite:///runs/t.db") == f"sqlite:///{project}/runs/t.db"
+    note = copy / "note.txt"
+    note.write_text("kept")
+    monkeypatch.chdir(copy)
+    with open_tracker(experiment="temp copy", run_name="t") as tracker:
+        tracker.start(params={"a": 1}, tags={})
+        tracker.log_artifact(note, artifact_path="notes")
+    assert (project / "mlflow.db").is_file() and not (copy / "mlflow.db").exists() and not (copy / "mlruns").exists()
+    assert [p.read_text() for p in (project / "mlruns" / "temp_copy").rglob("note.txt")] == ["kept"]
+    monkeypatch.chdir(project)  # the project itself sees that run
+    assert len(_client().search_runs([_client().get_experiment_by_name("temp copy").experiment_id])) == 1
+
+
 def test_git_and_dvc_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert git_commit(tmp_path) is None
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]

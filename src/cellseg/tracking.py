@@ -17,7 +17,9 @@ That default is MLflow 3's own (``mlflow.store.tracking.DEFAULT_TRACKING_URI``):
 from the project root with no flags opens ``./mlflow.db`` (it falls back to ``./mlruns`` only when
 that holds a legacy file store, which MLflow 3 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``).
 Artifacts and models of that store go to ``./mlruns/<experiment id>/``. A relative sqlite path is
-made absolute against the current directory (the project root under DVC) when the tracker opens.
+made absolute against the current directory (the project root under DVC) when the tracker opens, or, in the
+temporary copy where ``dvc exp run --temp`` and queued experiments run, against the project itself
+(:func:`project_dir`): their runs and artifacts go to the project's store.
 
 An http(s) server is probed (5 s) when the tracker opens, so an unreachable one fails with a
 ``ResourceError`` before any training. MLflow's INFO log lines are silenced unless
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import subprocess
 import urllib.error
@@ -88,15 +91,27 @@ def dvc_experiment_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
+def project_dir() -> Path:
+    """Where relative store paths point: the current directory, or, inside the temporary copy of the project
+    in which ``dvc exp run --temp`` and queued experiments run (``<project>/.dvc/tmp/exps/<tmp>/...``), the
+    project itself, so that their runs land in the project's store instead of vanishing with the copy."""
+    here = Path.cwd()
+    parts = here.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
 def tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
 
-    A relative sqlite path is made absolute against the current directory.
+    A relative sqlite path is made absolute against :func:`project_dir`.
     """
     resolved = (uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI).strip()
     prefix = "sqlite:///"
     if resolved.startswith(prefix) and not resolved.startswith(prefix + "/"):
-        resolved = prefix + str(Path(resolved[len(prefix):]).absolute())
+        resolved = prefix + str(project_dir() / resolved[len(prefix) :])
     return resolved
 
 
@@ -310,7 +325,7 @@ def open_tracker(
     try:
         client = MlflowClient(resolved)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, _artifacts(experiment))
     except Exception as e:  # backends raise MlflowException, OSError, SQLAlchemy errors...
         detail = (str(e).splitlines() or [""])[0]
         raise ResourceError(
@@ -323,6 +338,14 @@ def open_tracker(
             f"(mlflow experiments restore --experiment-id {experiment_id}) or choose another name"
         )
     return MlflowTracker(resolved, experiment_id, run_name)
+
+
+def _artifacts(experiment: str) -> str | None:
+    """A new experiment's artifact location: MLflow's default (``./mlruns/<id>``), except in a DVC temporary
+    copy of the project (see :func:`project_dir`), where it is the project's ``mlruns/<experiment>``."""
+    if project_dir() == Path.cwd():
+        return None
+    return (project_dir() / "mlruns" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment)).as_uri()
 
 
 def run_record(params: Mapping[str, Any], model: str, repo_dir: str | Path = ".") -> dict[str, dict]:
