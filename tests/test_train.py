@@ -6,6 +6,7 @@ backward pass ~30× slower, and one thread makes every run bit-reproducible.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -25,7 +26,7 @@ from torch.utils.data import default_collate
 
 from cellseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from cellseg.config import TrainParams
-from cellseg.data import PatchDataset, WholeImageDataset
+from cellseg.data import PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.errors import DataError, TrainingError
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.tracking import Tracker, open_tracker, run_record
@@ -191,6 +192,32 @@ def test_resume_after_a_crash_matches_a_straight_run(
     changed = max((a_last["model_state"][k] - v).abs().max() for k, v in at_two["model_state"].items())
     assert changed > 1e-4
     assert_best_is_argmax(tmp_path / "models", history)
+
+
+def test_resume_with_augmentation_in_the_main_process_is_exact(
+    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path
+) -> None:
+    """With augmentations and ``workers: 0`` the augmentation's own RNG is reseeded each epoch (``set_epoch``),
+    so a resumed run draws the flips an uninterrupted one draws: both end with the same weights."""
+    train_set, val_set = sets
+    augmented = copy.copy(train_set)
+    augmented.augment = build_augmentations(["hflip", "vflip", "rotate90", "transpose"], seed=0)
+    run_fit((augmented, val_set), tmp_path / "a", config(epochs=2))
+    with pytest.raises(Interrupted):
+        run_fit((augmented, val_set), tmp_path / "b", config(epochs=2), task=InterruptAt(2))
+    run_fit((augmented, val_set), tmp_path / "b", config(epochs=2, resume=True))
+    a = load_checkpoint(tmp_path / "a" / "models" / "last.pt", "unet")
+    b = load_checkpoint(tmp_path / "b" / "models" / "last.pt", "unet")
+    for key, weights in a["model_state"].items():
+        torch.testing.assert_close(b["model_state"][key], weights, rtol=1e-6, atol=1e-7)
+    plain = load_checkpoint(run_fit_dir(sets, tmp_path / "plain"), "unet")  # the augmentations did change training
+    assert any(not torch.allclose(plain["model_state"][k], v) for k, v in a["model_state"].items())
+
+
+def run_fit_dir(sets: tuple[PatchDataset, WholeImageDataset], out: Path) -> Path:
+    """``last.pt`` of a 2-epoch :func:`run_fit` into ``out``."""
+    run_fit(sets, out, config(epochs=2))
+    return out / "models" / "last.pt"
 
 
 def test_resume_with_more_epochs_continues_the_history(

@@ -220,12 +220,33 @@ def padded_input(
     return normalize(np.pad(image_uint8, pad, mode="reflect"), mean, std, channels), pad
 
 
-class PatchDataset(Dataset):
-    """Square training windows (an index from :func:`cellseg.patches.sample_patches`) cropped from an :class:`ImageStore`.
+class AugmentedDataset(Dataset):
+    """A dataset whose ``augment`` (an albumentations pipeline, or None) draws reproducibly.
 
-    In DataLoader workers the augmentation is reseeded from the worker's seed on first use, so that workers
-    draw different (and, under ``torch.manual_seed``, reproducible) augmentations.
+    In DataLoader workers it is reseeded from the worker's seed on first use, so that workers draw different
+    (and, under ``torch.manual_seed``, reproducible) augmentations. In the main process (``workers: 0``) the
+    trainer reseeds it before each epoch through :meth:`set_epoch`, so that a resumed training draws what an
+    uninterrupted one would.
     """
+
+    augment: A.Compose | None = None
+    _seeded_worker: int | None = None
+
+    def set_epoch(self, seed: int) -> None:
+        """Reseed the augmentation for the epoch about to start (``seed`` differs between epochs)."""
+        if self.augment is not None:
+            self.augment.set_random_seed(seed % 2**32)
+
+    def _seed_worker(self) -> None:
+        info = get_worker_info()
+        if self.augment is not None and info is not None and self._seeded_worker != info.id:
+            self.augment.set_random_seed(info.seed % 2**32)
+            self._seeded_worker = info.id
+
+
+class PatchDataset(AugmentedDataset):
+    """Square training windows (an index from :func:`cellseg.patches.sample_patches`) cropped from an
+    :class:`ImageStore`, augmented (image and target together) as :class:`AugmentedDataset` says."""
 
     def __init__(
         self,
@@ -243,7 +264,6 @@ class PatchDataset(Dataset):
         self.store = store
         self.augment = augment
         self.mean, self.std, self.channels = mean, std, channels
-        self._seeded_worker: int | None = None
         self._check_windows()
 
     def _check_windows(self) -> None:
@@ -273,13 +293,6 @@ class PatchDataset(Dataset):
             "image": normalize(image, self.mean, self.std, self.channels),
             "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64)),
         }
-
-    def _seed_worker(self) -> None:
-        info = get_worker_info()
-        if info is not None and self._seeded_worker != info.id:
-            self.augment.set_random_seed(info.seed % 2**32)
-            self._seeded_worker = info.id
-
 
 class WholeImageDataset(Dataset):
     """Whole images for validation, padded at the bottom/right to a multiple of ``pad_multiple``.

@@ -144,7 +144,9 @@ def fit(
     ``out_dir`` receives ``last.pt`` and ``best.pt``; ``metrics_file`` the per-epoch CSV; ``tracker`` (an
     open :class:`~cellseg.tracking.Tracker`) a run with ``run_params``, ``run_tags`` and every epoch's metrics. With
     ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
-    scaler, epoch, history, RNG, MLflow run).
+    scaler, epoch, history, RNG, MLflow run). A ``train_set`` with a ``set_epoch(seed)`` method (an
+    :class:`~cellseg.data.AugmentedDataset`) is reseeded before each epoch, so that its augmentations too are
+    the same whether resumed or not.
 
     Under ``torchrun`` (:mod:`cellseg.distributed`) each process trains on its shard of every epoch with
     ``config.batch_size`` samples per step (the global batch is ``batch_size`` × the number of processes), in
@@ -189,6 +191,8 @@ def fit(
         epoch_log = EpochLog(metrics_file)
         for epoch in range(start_epoch, config.epochs):
             loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order resumed or not, on every rank
+            if hasattr(train_set, "set_epoch"):  # and the same augmentations (workers: 0)
+                train_set.set_epoch(config.seed * 1000 + epoch)
             began = time.perf_counter()
             train_stats, seen = _train_epoch(trained, task, loader, optimizer, scheduler, scaler, config, device, epoch)
             train_time = time.perf_counter() - began

@@ -21,7 +21,6 @@ import albumentations as A
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, get_worker_info
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -30,6 +29,7 @@ from torchvision.models.detection.rpn import RPNHead
 
 from cellseg.config import MaskRCNNParams
 from cellseg.checkpoint import read_weights
+from cellseg.data import AugmentedDataset
 from cellseg.decode import instance_pixels, paint_order, read_source_image
 from cellseg.errors import DataError, ParamsError, ResourceError
 from cellseg.inference import Instances
@@ -154,15 +154,15 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return grey.unsqueeze(0).repeat(3, 1, 1)
 
 
-class InstanceDataset(Dataset):
+class InstanceDataset(AugmentedDataset):
     """Whole images (3×H×W in [0, 1], grey repeated; the model normalises) with their Mask R-CNN targets.
 
     Built from a :class:`~cellseg.sources.SourceData` — in the pipeline the ``coco`` stage's json read by
     :func:`cellseg.coco.coco_to_source` — each instance keeps its own whole mask, overlaps with other cells
     included (the label images of the ``decode`` stage would have trimmed them). Images and the instances'
     pixel indices are held in memory; the N×H×W mask stack is built per item. The augmentation moves image
-    and masks together; an instance it moves out of the image is left out. In DataLoader workers the
-    augmentation is reseeded from the worker's seed on first use, as in :class:`cellseg.data.PatchDataset`.
+    and masks together (seeded as :class:`~cellseg.data.AugmentedDataset` says); an instance it moves out of
+    the image is left out.
     """
 
     def __init__(self, data: SourceData, augment: A.Compose | None = None) -> None:
@@ -183,7 +183,6 @@ class InstanceDataset(Dataset):
             self._pixels.append(np.concatenate(indices).astype(np.int32))
             self._areas.append(np.array([len(i) for i in indices], dtype=np.int64))
         self.augment = augment
-        self._seeded_worker: int | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -204,11 +203,6 @@ class InstanceDataset(Dataset):
         target = instance_target(masks, self.categories[i])
         return image_tensor(image), {**target, "image_id": self.image_ids[i], "cell_type": self.cell_types[i]}
 
-    def _seed_worker(self) -> None:
-        info = get_worker_info()
-        if info is not None and self._seeded_worker != info.id:
-            self.augment.set_random_seed(info.seed % 2**32)
-            self._seeded_worker = info.id
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
