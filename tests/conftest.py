@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from cellseg import rle
+from cellseg.data import PatchDataset, WholeImageDataset
 from cellseg.sources.kaggle import CSV_COLUMNS
+from helpers.fit_job import datasets, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"
@@ -70,3 +73,25 @@ def make_kaggle(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module: on a shared 2-core machine two intra-op threads make a tiny network's
+    backward pass ~30× slower, and one thread makes every run bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """For the trainer's tests: 3 synthetic images, decoded, with a 64-pixel patch index of the first two."""
+    return make_data(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="module")
+def sets(data_root: Path) -> tuple[PatchDataset, WholeImageDataset]:
+    """The trainer's tests' (training patches, validation images) of :func:`data_root`."""
+    return datasets(data_root)

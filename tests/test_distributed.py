@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,30 +21,19 @@ from cellseg.models.unet import UNetTask, build_unet
 from cellseg.tracking import Tracker, open_tracker
 from cellseg.train import fit
 from helpers.ddp_job import BATCH_SIZE, SAMPLES_PER_EPOCH, Indexed, PlainNet, RecordingTask
-from helpers.fit_job import config, datasets, make_data
+from helpers.fit_job import config, stable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 JOB = Path(__file__).parent / "helpers" / "ddp_job.py"
 EPOCHS = 3
-TIMING = ("train/samples_per_s", "epoch_time_s")  # wall-clock columns: differ between any two runs
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_data(tmp_path_factory.mktemp("ddp_data"))
 
 
-@pytest.fixture(scope="module")
-def sets(data_root: Path) -> tuple[PatchDataset, WholeImageDataset]:
-    return datasets(data_root)
 
 
 def torchrun(data_root: Path, out: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -65,8 +53,6 @@ def ranks(out: Path) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
-def stable(rows: list[dict[str, float]]) -> list[dict[str, float]]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 @pytest.fixture(scope="module")

@@ -90,15 +90,6 @@ def client_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: fast and reproducible on a shared machine (see test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow  # ~15-40 s: the server's start (database migrations) and the model upload
 def test_tracked_training_through_a_server(server: str, tmp_path: Path, client_env: None, one_thread: None) -> None:
     import mlflow.pytorch

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,30 +31,18 @@ from cellseg.errors import DataError, TrainingError
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.tracking import Tracker, open_tracker, run_record
 from cellseg.train import fit, train_tracked, warmup_cosine
-from helpers.fit_job import TinyNet, config, datasets, make_data, new_model
+from helpers.fit_job import TinyNet, config, new_model, stable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HELPER = Path(__file__).parent / "helpers" / "fit_job.py"
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("train/samples_per_s", "epoch_time_s")  # wall-clock columns: differ between any two runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 synthetic images, decoded, with a 64-pixel patch index of the first two."""
-    return make_data(tmp_path_factory.mktemp("train_data"))
 
 
-@pytest.fixture(scope="module")
-def sets(data_root: Path) -> tuple[PatchDataset, WholeImageDataset]:
-    return datasets(data_root)
 
 
 def run_fit(
@@ -71,9 +59,6 @@ def run_fit(
     )
 
 
-def stable(rows: Iterable[dict[str, float]]) -> list[dict[str, float]]:
-    """History rows without their wall-clock columns."""
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

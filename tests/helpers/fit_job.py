@@ -77,6 +77,14 @@ def make_data(root: Path) -> Path:
     return root
 
 
+TIMING = ("train/samples_per_s", "epoch_time_s")  # wall-clock columns: differ between any two runs
+
+
+def stable(rows: Iterable[dict[str, float]]) -> list[dict[str, float]]:
+    """History rows without their wall-clock columns."""
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
 def datasets(root: Path) -> tuple[PatchDataset, WholeImageDataset]:
     """Training patches of images 1–2 (no augmentation) and whole-image validation on image 3."""
     ids = list(pd.read_parquet(root / "decoded" / IMAGES_TABLE)["image_id"])
