@@ -8,7 +8,7 @@ from cellseg.coco import coco_to_source
 from cellseg.data import build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
 from cellseg.tracking import open_tracker, run_record
-from cellseg.train import train_tracked
+from cellseg.train import seed_everything, train_tracked
 
 
 def main() -> None:
@@ -27,8 +27,10 @@ def main() -> None:
     augment = build_augmentations(maskrcnn.augment, seed=train.seed)
     train_set = InstanceDataset(coco_to_source(args.coco_train, data.root), augment)
     val_set = InstanceDataset(coco_to_source(args.coco_val, data.root))
+    seed_everything(train.seed)  # the weights' random initialisation
+    model = build_maskrcnn(maskrcnn)
     train_tracked(
-        build_maskrcnn(maskrcnn),
+        model,
         MaskRCNNTask(maskrcnn),
         train_set,
         val_set,

@@ -10,7 +10,7 @@ from cellseg import config
 from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.models.unet import UNetTask, build_unet
-from cellseg.train import train_tracked
+from cellseg.train import seed_everything, train_tracked
 from cellseg.tracking import open_tracker, run_record
 
 
@@ -35,6 +35,7 @@ def main() -> None:
         unet.mean, unet.std, unet.channels,
     )
     val_set = WholeImageDataset(split["val"], store, unet.mean, unet.std, unet.channels)
+    seed_everything(train.seed)  # the weights' random initialisation
     model = build_unet(encoder=unet.encoder, weights=unet.encoder_weights, in_channels=unet.channels, classes=3)
     train_tracked(
         model,

@@ -40,11 +40,7 @@ in a temporary working directory and asserts:
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import struct
-import subprocess
-import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,80 +50,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from cellseg.checkpoint import save_checkpoint
-from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
-from cellseg.io import write_json, write_parquet
-from cellseg.patches import sample_patches
-from cellseg.sources.kaggle import read_kaggle
-from cellseg.split import make_split
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-# Arguments of each stage; the first output listed is the one a "prior" good run writes.
-STAGE_ARGS: dict[str, list[str]] = {
-    "decode": ["--out", "decoded"],
-    "split": ["--decoded", "decoded", "--out", "split.json"],
-    "patches": ["--decoded", "decoded", "--split", "split.json", "--out", "patches.parquet"],
-    "train_unet": [
-        "--decoded", "decoded", "--split", "split.json", "--patches", "patches.parquet",
-        "--models", "models/unet", "--metrics", "metrics/unet",
-    ],
-    "synthesize": ["--out", "synth"],
-}
-OUTPUTS: dict[str, list[str]] = {
-    "decode": ["decoded"],
-    "split": ["split.json"],
-    "patches": ["patches.parquet"],
-    "train_unet": ["models/unet/best.pt", "metrics/unet"],
-    "synthesize": ["synth"],
-    "predict": ["pred"],
-}
-NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the stage runs
-    "decode": (),
-    "synthesize": (),
-    "split": ("decoded",),
-    "patches": ("decoded", "split"),
-    "train_unet": ("decoded", "split", "patches"),
-    "predict": (),
-}
-
-
-@dataclass
-class World:
-    """One case's files: the Kaggle directory, the working directory and the params to write."""
-
-    root: Path
-    work: Path
-    params: dict
-    params_text: str | None = None  # written verbatim instead of ``params`` when set
-    params_arg: str = "params.yaml"
-    model: str = "model.pt"  # predict: the checkpoint given to --model
-
-    @property
-    def csv(self) -> Path:
-        return self.root / "train.csv"
-
-    def image(self, image_id: str = "sh0000000000") -> Path:
-        return self.root / "train" / f"{image_id}.png"
-
-    def table(self) -> pd.DataFrame:
-        return pd.read_csv(self.csv, dtype=str, keep_default_na=False)
-
-    def write_table(self, table: pd.DataFrame) -> None:
-        table.to_csv(self.csv, index=False)
-
-    def set_cells(self, rows, column: str, value: str) -> None:
-        table = self.table()
-        table.loc[rows, column] = value
-        self.write_table(table)
-
-    def write_params(self) -> None:
-        text = self.params_text if self.params_text is not None else yaml.safe_dump(self.params)
-        (self.work / "params.yaml").write_text(text)
+from helpers.stage_harness import ASTRO, OUTPUTS, World, base_params, prepare, run
 
 
 @dataclass(frozen=True)
@@ -234,7 +160,6 @@ def _resume_from_best(w: World) -> None:
     save_checkpoint(w.work / "models/unet/last.pt", "unet", {"model_params": {}, "model_state": {}, "epoch": 1, "best": 0.1})
 
 
-ASTRO = "as1000000000"  # rows 8-10 of train.csv; sh0000000000 is rows 2-4, sh0000000001 rows 5-7
 def _resume_from_other_weights(w: World) -> None:
     w.params["train"]["unet"]["resume"] = True
     entries = {"model_params": {}, "model_state": {"w": torch.zeros(2)}, "epoch": 1, "best": 0.1, "history": [], "run_id": None,
@@ -336,54 +261,6 @@ CASES: list[Case] = [
 ]
 
 
-def _base_params(root: Path) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data"].update(source="kaggle", root=str(root), limit_images=None)
-    raw["synth"].update(images=3)
-    raw["split"].update(n_folds=2, fold=0)
-    raw["patches"].update(size=32)
-    raw["unet"].update(encoder="resnet18", encoder_weights="none")
-    raw["train"]["unet"].update(
-        epochs=1, batch_size=2, workers=0, device="cpu", samples_per_epoch=2, amp=False, channels_last=False
-    )
-    raw["tracking"].update(enabled=False)
-    return raw
-
-
-def _prepare(w: World, stage: str) -> None:
-    """Make the good inputs ``stage`` reads, as the earlier stages would."""
-    needs = NEEDS[stage]
-    if "decoded" in needs:
-        decode_dataset(read_kaggle(w.root), w.work / "decoded")
-    if "split" in needs:
-        images = pd.read_parquet(w.work / "decoded" / IMAGES_TABLE)
-        write_json(w.work / "split.json", make_split(images, 2, 0, 0))
-    if "patches" in needs:
-        split = json.loads((w.work / "split.json").read_text())
-        index = sample_patches(
-            pd.read_parquet(w.work / "decoded" / INSTANCES_TABLE), pd.read_parquet(w.work / "decoded" / IMAGES_TABLE),
-            split["train"], size=32, jitter=0.5, per_cell=1, background_fraction=0.05, seed=0,
-        )
-        write_parquet(w.work / "patches.parquet", index)
-    if stage == "predict":
-        (w.work / "images").mkdir()
-        for image_id in ("sh0000000000", ASTRO):
-            (w.work / "images" / f"{image_id}.png").write_bytes(w.image(image_id).read_bytes())
-    if stage == "train_unet":
-        (w.work / "models" / "unet").mkdir(parents=True)
-
-
-def _command(w: World, stage: str) -> list[str]:
-    if stage == "predict":
-        return [sys.executable, "-m", "cellseg.cli", "predict", "--model", str(w.work / w.model), "images",
-                "--out", "pred", "--device", "cpu"]
-    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), "--params", w.params_arg, *STAGE_ARGS[stage]]
-
-
-def _run(w: World, stage: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(w, stage), cwd=w.work, capture_output=True, text=True, env=ENV, timeout=300)
-
-
 def _snapshot(top: Path) -> dict[str, str]:
     """Every file and directory under ``top``: relative path → content digest ('dir' for directories)."""
     return {
@@ -397,18 +274,18 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(case: Case, make_kaggle,
     root = make_kaggle()
     work = tmp_path / "work"
     work.mkdir()
-    w = World(root=root, work=work, params=_base_params(root))
-    _prepare(w, case.stage)
+    w = World(root=root, work=work, params=base_params(root))
+    prepare(w, case.stage)
     if case.prior:
         w.write_params()
-        good = _run(w, case.stage)
+        good = run(w, case.stage)
         assert good.returncode == 0, good.stderr
         assert all((work / out).exists() for out in OUTPUTS[case.stage][:1])
     case.setup(w)
     w.write_params()
     before = _snapshot(tmp_path)
 
-    done = _run(w, case.stage)
+    done = run(w, case.stage)
 
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from cellseg.checkpoint import load_checkpoint
+from helpers.stage_harness import OUTPUTS, World, base_params, prepare, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,3 +127,23 @@ def test_dvc_remote_push_then_pull_into_a_fresh_clone(project: Path, tmp_path: P
         assert all((original / f).read_bytes() == (pulled / f).read_bytes() for f in files), path
     assert "up to date" in _dvc(clone, "status", "coco", "patches")
     assert "Running stage" not in _dvc(clone, "repro", "coco", "patches")
+
+
+@pytest.mark.parametrize("stage", ["train_unet", "train_maskrcnn"])
+def test_training_stage_run_twice_gives_the_same_model(stage: str, make_kaggle, tmp_path: Path) -> None:
+    """Same params, same weights: the random initialisation is seeded by ``train.<model>.seed`` (torch's own
+    default seed differs in every process), and another seed gives another model."""
+    root = make_kaggle()
+    weights = []
+    for run_dir, seed in (("a", 0), ("b", 0), ("c", 1)):
+        world = World(root=root, work=tmp_path / run_dir, params=base_params(root))
+        world.work.mkdir()
+        world.params["train"][stage.removeprefix("train_")]["seed"] = seed
+        world.write_params()
+        prepare(world, stage)
+        done = run(world, stage)
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights.append(load_checkpoint(world.work / OUTPUTS[stage][0])["model_state"])
+    assert weights[0].keys() == weights[1].keys() == weights[2].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

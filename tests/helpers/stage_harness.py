@@ -1,0 +1,153 @@
+"""Running the stage scripts as subprocesses on a tiny Kaggle-format directory (``conftest.make_kaggle``),
+with the good inputs of the stages before them made in-process: the harness of ``test_bad_inputs.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from cellseg.coco import to_coco, write_coco
+from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
+from cellseg.io import write_json, write_parquet
+from cellseg.patches import sample_patches
+from cellseg.sources.kaggle import read_kaggle
+from cellseg.split import make_split
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+# Arguments of each stage; the first output listed is the one a "prior" good run writes.
+STAGE_ARGS: dict[str, list[str]] = {
+    "decode": ["--out", "decoded"],
+    "split": ["--decoded", "decoded", "--out", "split.json"],
+    "patches": ["--decoded", "decoded", "--split", "split.json", "--out", "patches.parquet"],
+    "train_unet": [
+        "--decoded", "decoded", "--split", "split.json", "--patches", "patches.parquet",
+        "--models", "models/unet", "--metrics", "metrics/unet",
+    ],
+    "train_maskrcnn": [
+        "--coco_train", "coco/coco_train.json", "--coco_val", "coco/coco_val.json",
+        "--models", "models/maskrcnn", "--metrics", "metrics/maskrcnn",
+    ],
+    "synthesize": ["--out", "synth"],
+}
+OUTPUTS: dict[str, list[str]] = {
+    "decode": ["decoded"],
+    "split": ["split.json"],
+    "patches": ["patches.parquet"],
+    "train_unet": ["models/unet/best.pt", "metrics/unet"],
+    "train_maskrcnn": ["models/maskrcnn/best.pt", "metrics/maskrcnn"],
+    "synthesize": ["synth"],
+    "predict": ["pred"],
+}
+NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the stage runs
+    "decode": (),
+    "synthesize": (),
+    "split": ("decoded",),
+    "patches": ("decoded", "split"),
+    "train_unet": ("decoded", "split", "patches"),
+    "train_maskrcnn": ("decoded", "split", "coco"),
+    "predict": (),
+}
+
+
+@dataclass
+class World:
+    """One case's files: the Kaggle directory, the working directory and the params to write."""
+
+    root: Path
+    work: Path
+    params: dict
+    params_text: str | None = None  # written verbatim instead of ``params`` when set
+    params_arg: str = "params.yaml"
+    model: str = "model.pt"  # predict: the checkpoint given to --model
+
+    @property
+    def csv(self) -> Path:
+        return self.root / "train.csv"
+
+    def image(self, image_id: str = "sh0000000000") -> Path:
+        return self.root / "train" / f"{image_id}.png"
+
+    def table(self) -> pd.DataFrame:
+        return pd.read_csv(self.csv, dtype=str, keep_default_na=False)
+
+    def write_table(self, table: pd.DataFrame) -> None:
+        table.to_csv(self.csv, index=False)
+
+    def set_cells(self, rows, column: str, value: str) -> None:
+        table = self.table()
+        table.loc[rows, column] = value
+        self.write_table(table)
+
+    def write_params(self) -> None:
+        text = self.params_text if self.params_text is not None else yaml.safe_dump(self.params)
+        (self.work / "params.yaml").write_text(text)
+
+
+ASTRO = "as1000000000"  # rows 8-10 of train.csv; sh0000000000 is rows 2-4, sh0000000001 rows 5-7
+
+
+def base_params(root: Path) -> dict:
+    """The project's params, set for a tiny and quick run on the Kaggle-format directory ``root``."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(source="kaggle", root=str(root), limit_images=None)
+    raw["synth"].update(images=3)
+    raw["split"].update(n_folds=2, fold=0)
+    raw["patches"].update(size=32)
+    raw["unet"].update(encoder="resnet18", encoder_weights="none")
+    raw["train"]["unet"].update(
+        epochs=1, batch_size=2, workers=0, device="cpu", samples_per_epoch=2, amp=False, channels_last=False
+    )
+    raw["maskrcnn"].update(image_scale=0.125, detections_per_img=20, rpn_pre_nms_top_n=200, rpn_post_nms_top_n=100,
+                           box_batch_size_per_image=8)
+    raw["train"]["maskrcnn"].update(epochs=1, batch_size=1, workers=0, device="cpu", samples_per_epoch=1, amp=False)
+    raw["tracking"].update(enabled=False)
+    return raw
+
+
+def prepare(w: World, stage: str) -> None:
+    """Make the good inputs ``stage`` reads, as the earlier stages would."""
+    needs = NEEDS[stage]
+    if "decoded" in needs:
+        decode_dataset(read_kaggle(w.root), w.work / "decoded")
+    if "split" in needs:
+        images = pd.read_parquet(w.work / "decoded" / IMAGES_TABLE)
+        write_json(w.work / "split.json", make_split(images, 2, 0, 0))
+    if "patches" in needs:
+        split = json.loads((w.work / "split.json").read_text())
+        index = sample_patches(
+            pd.read_parquet(w.work / "decoded" / INSTANCES_TABLE), pd.read_parquet(w.work / "decoded" / IMAGES_TABLE),
+            split["train"], size=32, jitter=0.5, per_cell=1, background_fraction=0.05, seed=0,
+        )
+        write_parquet(w.work / "patches.parquet", index)
+    if "coco" in needs:
+        split = json.loads((w.work / "split.json").read_text())
+        images = pd.read_parquet(w.work / "decoded" / IMAGES_TABLE)
+        instances = pd.read_parquet(w.work / "decoded" / INSTANCES_TABLE)
+        for part in ("train", "val"):
+            write_coco(w.work / "coco" / f"coco_{part}.json", to_coco(images, instances, split[part]))
+    if stage == "predict":
+        (w.work / "images").mkdir()
+        for image_id in ("sh0000000000", ASTRO):
+            (w.work / "images" / f"{image_id}.png").write_bytes(w.image(image_id).read_bytes())
+    if stage.startswith("train_"):
+        (w.work / "models" / stage.removeprefix("train_")).mkdir(parents=True)
+
+
+def command(w: World, stage: str) -> list[str]:
+    if stage == "predict":
+        return [sys.executable, "-m", "cellseg.cli", "predict", "--model", str(w.work / w.model), "images",
+                "--out", "pred", "--device", "cpu"]
+    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), "--params", w.params_arg, *STAGE_ARGS[stage]]
+
+
+def run(w: World, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(w, stage), cwd=w.work, capture_output=True, text=True, env=ENV, timeout=300)
