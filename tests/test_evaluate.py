@@ -14,7 +14,7 @@ from cellseg.data import ImageStore
 from cellseg.decode import decode_dataset
 from cellseg.evaluate import evaluate_predictor
 from cellseg.inference import Instances, coco_results
-from cellseg.report import write_plots, write_report
+from cellseg.report import strengths, write_plots, write_report
 from cellseg.sources import CELL_TYPES, load_source
 from cellseg.sources.synthetic import synthesize
 
@@ -99,4 +99,6 @@ def test_plots_and_report(dataset, tmp_path: Path) -> None:
     text = report.read_text()
     assert "| cell type |" in text and "| shsy5y |" in text
     assert "Mask R-CNN (R50-FPN v2) leads with mAP 1.000" in text
+    level = strengths(evaluations[1:] * 2, ["all"])
+    assert level == ["- **all**: no model leads: Mask R-CNN (R50-FPN v2) and Mask R-CNN (R50-FPN v2) both reach mAP 1.000."]
     assert "](../plots/curves.png)" in text and "`efficientnet-b0`" in text

@@ -48,7 +48,8 @@ def comparison_table(evaluations: Sequence[ModelEvaluation], groups: Sequence[st
 
 
 def strengths(evaluations: Sequence[ModelEvaluation], groups: Sequence[str]) -> list[str]:
-    """One sentence per cell type naming the better model by the competition mAP, with the margin."""
+    """One sentence per cell type naming the better model by the competition mAP, with the margin (or saying
+    that none leads when their mAPs round alike)."""
     sentences = [
         f"- **{DISPLAY.get(e.name, e.name)} found no cell** above its score thresholds: it is undertrained (see its "
         "training curves); the CPU default trains it for a few steps only, the full recipe (README) on a GPU for real."
@@ -61,7 +62,10 @@ def strengths(evaluations: Sequence[ModelEvaluation], groups: Sequence[str]) -> 
         )
         if len(scored) > 1:
             (best, name), (second, other) = scored[0], scored[1]
-            sentences.append(f"- **{group}**: {name} leads with mAP {best:.3f} against {second:.3f} ({other}).")
+            if f"{best:.3f}" == f"{second:.3f}":
+                sentences.append(f"- **{group}**: no model leads: {name} and {other} both reach mAP {best:.3f}.")
+            else:
+                sentences.append(f"- **{group}**: {name} leads with mAP {best:.3f} against {second:.3f} ({other}).")
     return sentences
 
 
