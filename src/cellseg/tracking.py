@@ -343,9 +343,10 @@ def open_tracker(
 def _artifacts(experiment: str) -> str | None:
     """A new experiment's artifact location: MLflow's default (``./mlruns/<id>``), except in a DVC temporary
     copy of the project (see :func:`project_dir`), where it is the project's ``mlruns/<experiment>``."""
-    if project_dir() == Path.cwd():
+    root = project_dir()
+    if root == Path.cwd():
         return None
-    return (project_dir() / "mlruns" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment)).as_uri()
+    return (root / "mlruns" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment)).as_uri()
 
 
 def run_record(params: Mapping[str, Any], model: str, repo_dir: str | Path = ".") -> dict[str, dict]:

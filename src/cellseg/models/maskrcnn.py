@@ -204,7 +204,6 @@ class InstanceDataset(AugmentedDataset):
         return image_tensor(image), {**target, "image_id": self.image_ids[i], "cell_type": self.cell_types[i]}
 
 
-
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """(list of images, list of targets): detection models take lists of differently sized images."""
     return [image for image, _ in batch], [target for _, target in batch]
