@@ -61,7 +61,7 @@ def _log_to_runs(tracking, checkpoints, evaluations, plots) -> None:
         run_id = checkpoints[e.name].get("run_id")
         if not (tracking.enabled and run_id):
             continue
-        with open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=e.name) as tracker:
+        with open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=None) as tracker:  # keeps the run its name
             try:
                 tracker.start(params={}, tags={}, run_id=run_id)
             except ResourceError as exc:  # e.g. the run was deleted from the store, or it is another store

@@ -7,7 +7,7 @@ from cellseg.cli import guarded, stage_args
 from cellseg.coco import coco_to_source
 from cellseg.data import build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
-from cellseg.tracking import open_tracker, run_record
+from cellseg.tracking import dataset_input, dvc_experiment_name, open_tracker, run_name, run_record
 from cellseg.train import seed_everything, train_tracked
 
 
@@ -22,7 +22,12 @@ def main() -> None:
     raw = config.read_params(args.params)
     data, maskrcnn, tracking = (config.section(raw, n, path=args.params) for n in ("data", "maskrcnn", "tracking"))
     train = config.section(raw, "train", path=args.params).maskrcnn
-    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name="maskrcnn")
+    name = run_name("maskrcnn", data.source, dvc_experiment_name())
+    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=name)
+    inputs = [
+        dataset_input(data.source, data.root, path, context, data.limit_images)
+        for path, context in ((args.coco_train, "training"), (args.coco_val, "validation"))
+    ] if tracking.enabled else []
 
     augment = build_augmentations(maskrcnn.augment, seed=train.seed)
     train_set = InstanceDataset(coco_to_source(args.coco_train, data.root), augment)
@@ -39,7 +44,7 @@ def main() -> None:
         metrics_dir=args.metrics,
         tracker=tracker,
         model_params=maskrcnn.model_dump(),
-        **run_record(raw, model="maskrcnn"),
+        **run_record(raw, model="maskrcnn", inputs=inputs),
         collate_fn=collate,
         val_collate_fn=collate,
     )

@@ -11,7 +11,7 @@ from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.train import seed_everything, train_tracked
-from cellseg.tracking import open_tracker, run_record
+from cellseg.tracking import dataset_input, dvc_experiment_name, open_tracker, run_name, run_record
 
 
 def main() -> None:
@@ -27,7 +27,12 @@ def main() -> None:
     data, unet, tracking = (config.section(raw, name, path=args.params) for name in ("data", "unet", "tracking"))
     train = config.section(raw, "train", path=args.params).unet
     split = json.loads(args.split.read_text())
-    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name="unet")
+    name = run_name("unet", data.source, dvc_experiment_name())
+    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=name)
+    inputs = [
+        dataset_input(data.source, data.root, path, context, data.limit_images)
+        for path, context in ((args.decoded, "training"), (args.split, "split"))
+    ] if tracking.enabled else []
 
     store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], unet.boundary_width)
     train_set = PatchDataset(
@@ -36,10 +41,13 @@ def main() -> None:
     )
     val_set = WholeImageDataset(split["val"], store, unet.mean, unet.std, unet.channels)
     seed_everything(train.seed)  # the weights' random initialisation
-    model = build_unet(encoder=unet.encoder, weights=unet.encoder_weights, in_channels=unet.channels, classes=3)
+    model = build_unet(
+        encoder=unet.encoder, weights=unet.encoder_weights, in_channels=unet.channels, classes=3,
+        decoder_channels=unet.decoder_channels,
+    )
     train_tracked(
         model,
-        UNetTask(unet.loss, channels_last=train.channels_last),
+        UNetTask(unet, channels_last=train.channels_last),
         train_set,
         val_set,
         train,
@@ -47,7 +55,7 @@ def main() -> None:
         metrics_dir=args.metrics,
         tracker=tracker,
         model_params=unet.model_dump(),
-        **run_record(raw, model="unet"),
+        **run_record(raw, model="unet", inputs=inputs),
         val_collate_fn=WholeImageDataset.collate,
     )
 

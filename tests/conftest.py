@@ -18,6 +18,7 @@ from helpers.fit_job import datasets, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"
+SARTORIUS = REPO.parent / "shared" / "sartorius"
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,14 @@ def real_dir() -> Path:
     if not (REAL / "train.csv").is_file():
         pytest.skip(f"real Sartorius samples not found at {REAL}")
     return REAL
+
+
+@pytest.fixture(scope="session")
+def sartorius_dir() -> Path:
+    """``../shared/sartorius``: the 361 real annotated training images in the Kaggle layout (skipped when absent)."""
+    if not (SARTORIUS / "train.csv").is_file():
+        pytest.skip(f"real Sartorius training set not found at {SARTORIUS}")
+    return SARTORIUS
 
 
 def tiny_masks(cell_type: str, shape: tuple[int, int], seed: int) -> list[np.ndarray]:

@@ -13,15 +13,15 @@ in a temporary working directory and asserts:
   good output (for the cases marked ``prior``, made by running the same stage on good data first) is
   unchanged, and no stray ``.*.tmp`` / ``.*.old`` entry is left beside it.
 
-62 kinds:
+61 kinds:
 
 * RLE, decode stage (9): non-integer token, integer beyond 64 bits, odd token count, zero length,
   negative length, start below 1, runs out of order, overlapping runs, a run past the image end.
-* train.csv, decode stage (20): file missing, empty file, header only, a missing column, an extra column,
-  a duplicated column name, a ragged row, non-UTF-8 bytes, a duplicate annotation, an empty annotation,
-  an unknown cell type, width not an integer, width infinite, width beyond any image, width disagreeing
-  with the PNG, a per-image field differing between an image's rows, a blank line, a trailing comma on
-  every row, a row with too few fields, an empty ``sample_id``.
+* train.csv, decode stage (19): file missing, empty file, header only, a missing column, an extra column,
+  a duplicated column name, a ragged row, non-UTF-8 bytes, a duplicate annotation whose other fields differ,
+  an empty annotation, an unknown cell type, width not an integer, width infinite, width beyond any image,
+  width disagreeing with the PNG, a per-image field differing between an image's rows, a blank line, a
+  trailing comma on every row, a row with too few fields.
 * Image ids, decode stage (3): a path separator, ``..`` inside, ``..`` alone.
 * Images, decode stage (9): missing, empty, truncated, not an image, a decompression bomb, a directory
   named like the file, 16-bit, RGB colour, wrong size.
@@ -35,6 +35,10 @@ in a temporary working directory and asserts:
   train_unet stage resuming (``train.unet.resume: true``) from a ``last.pt`` of the other model
   (Mask R-CNN), from a U-Net ``last.pt`` without the optimizer state (a ``best.pt`` copied over), and from
   one whose weights do not fit the model the params now describe (e.g. another encoder).
+
+What real ``train.csv`` files hold and the decode stage accepts, with one warning each, is tested too
+(:func:`test_decode_accepts_exact_duplicates_and_blank_metadata`): a row repeating an earlier row exactly
+(dropped) and an image whose metadata is blank in all its rows.
 """
 
 from __future__ import annotations
@@ -167,6 +171,12 @@ def _resume_from_other_weights(w: World) -> None:
     save_checkpoint(w.work / "models/unet/last.pt", "unet", entries)
 
 
+def _duplicate_with_other_sample_id(w: World) -> None:
+    """Row 5 repeated as row 20, but with another ``sample_id``: not an exact duplicate, so not dropped."""
+    table = w.table()
+    w.write_table(pd.concat([table, table.iloc[[3]].assign(sample_id="other")], ignore_index=True))
+
+
 def _short_row(w: World) -> None:
     """Row 6 loses its last field (pandas pads it with an empty string)."""
     lines = w.csv.read_text().splitlines()
@@ -196,9 +206,8 @@ CASES: list[Case] = [
     Case("csv-ragged-row", "decode", lambda w: _append_line(w, "a,b,c,d,e,f,g,h,i,j,k"), ("{csv}", "not a readable CSV")),
     Case("csv-not-utf8", "decode", lambda w: w.csv.write_bytes(w.csv.read_bytes().replace(b"2020", b"\xff\xfe20")), ("{csv}", "not a readable CSV")),
     Case(
-        "csv-duplicate-annotation", "decode",
-        lambda w: w.write_table(pd.concat([w.table(), w.table().iloc[[3]]], ignore_index=True)),
-        ("{csv}", "row 20 (id 'sh0000000001')", "duplicate annotation (same as row 5)"), prior=True,
+        "csv-duplicate-annotation", "decode", _duplicate_with_other_sample_id,
+        ("{csv}", "row 20 (id 'sh0000000001')", "duplicate annotation (same as row 5, other fields differ)"), prior=True,
     ),
     Case("csv-empty-annotation", "decode", annotation(""), (*CSV_ROW6, "annotation is empty")),
     Case("csv-unknown-cell-type", "decode", lambda w: w.set_cells(4, "cell_type", "neuron"), (*CSV_ROW6, "unknown cell_type 'neuron'")),
@@ -211,8 +220,7 @@ CASES: list[Case] = [
     ),
     Case("csv-per-image-field-differs", "decode", lambda w: w.set_cells(4, "sample_id", "other"), (*CSV_ROW6, "sample_id 'other' differs")),
     Case("csv-blank-line", "decode", _blank_line, ("{csv}", "row 4: blank row")),
-    Case("csv-short-row", "decode", _short_row, (*CSV_ROW6, "elapsed_timedelta is empty (a row with fewer fields")),
-    Case("csv-empty-sample-id", "decode", lambda w: w.set_cells([0, 1, 2], "sample_id", ""), ("{csv}", "row 2", "sample_id is empty")),
+    Case("csv-short-row", "decode", _short_row, ("{csv}", "row 6: 8 field(s), the header has 9 (a row cut short?)")),
     Case("csv-trailing-comma-on-every-row", "decode", _trailing_commas, ("{csv}", "row 2 has more fields than the header (9)")),
     # --- image ids (decode) ---
     Case("id-path-separator", "decode", lambda w: w.set_cells([0, 1, 2], "id", "train/sh0000000000"), ("{csv}", "row 2", "not a safe file name")),
@@ -313,3 +321,28 @@ def test_corpus_size() -> None:
     assert len(CASES) >= 24
     assert f"{len(CASES)} kinds" in __doc__
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_decode_accepts_exact_duplicates_and_blank_metadata(make_kaggle, tmp_path: Path) -> None:
+    """What real train.csv files hold: a row repeating an earlier row exactly is dropped, an image without
+    metadata (blank in all its rows) is kept; one warning each, and the stage succeeds."""
+    root = make_kaggle()
+    work = tmp_path / "work"
+    work.mkdir()
+    w = World(root=root, work=work, params=base_params(root))
+    prepare(w, "decode")
+    table = w.table()
+    table.loc[[0, 1, 2], ["sample_id", "plate_time"]] = ""  # all rows of sh0000000000
+    w.write_table(pd.concat([table, table.iloc[[3]]], ignore_index=True))  # row 20 repeats row 5
+    w.write_params()
+
+    done = run(w, "decode")
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 2, warnings
+    assert "dropped 1 row(s)" in warnings[0] and "sh0000000001 (rows 20)" in warnings[0]
+    assert "blank metadata accepted" in warnings[1] and "plate_time (1), sample_id (1) of 6" in warnings[1]
+    images = pd.read_parquet(work / "decoded" / "images.parquet").set_index("image_id")
+    assert len(images) == 6 and images.loc["sh0000000000", "sample_id"] == ""
+    assert len(pd.read_parquet(work / "decoded" / "instances.parquet")) == 18

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -245,13 +246,42 @@ def _edit(root: Path, target: str, updates: dict) -> None:
         ("annotations.102.segmentation", {"counts": [1, 2]}, r"annotation 102 \(#2\): malformed RLE"),
         ("annotations.102.segmentation", {"counts": "0a"}, r"annotation 102 \(#2\): malformed RLE"),
         ("annotations.102.segmentation", {"size": [16, 12]}, r"annotation 102 \(#2\): bad segmentation: RLE size"),
-        ("annotations.102", {"segmentation": SQUARE, "image_id": 7}, r"annotation 102 \(#2\): same mask as annotation #1"),
     ],
 )
 def test_livecell_errors_name_file_and_id(tmp_path: Path, target: str, updates: dict, message: str) -> None:
     root = _livecell_dir(tmp_path)
     _edit(root, target, updates)
     with pytest.raises(DataError, match=rf"^{root / LIVECELL_JSON}: {message}"):
+        coco_to_source(root / LIVECELL_JSON, root)
+
+
+def _repeat_annotation(root: Path, **changes: object) -> None:
+    """Append annotation 103: a copy of annotation 101 (image 7's square) with ``changes``."""
+    coco = json.loads((root / LIVECELL_JSON).read_text())
+    coco["annotations"]["103"] = {**coco["annotations"]["101"], "id": 103, **changes}
+    (root / LIVECELL_JSON).write_text(json.dumps(coco))
+
+
+def test_livecell_exact_duplicate_is_dropped_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _livecell_dir(tmp_path)
+    clean = coco_to_source(root / LIVECELL_JSON, root)
+    _repeat_annotation(root)
+    with caplog.at_level(logging.WARNING, logger="cellseg.coco"):
+        data = coco_to_source(root / LIVECELL_JSON, root)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "dropped 1 annotation(s) that repeat an earlier one of the same image exactly: annotation 103 (#3)" in warning
+    pd.testing.assert_frame_equal(data.images, clean.images)
+    pd.testing.assert_frame_equal(data.annotations, clean.annotations)
+
+
+def test_livecell_same_mask_under_another_category_is_refused(tmp_path: Path) -> None:
+    """Not an exact repeat (category "shsy5y" where the first is the untyped "cell"), so not dropped."""
+    root = _livecell_dir(tmp_path)
+    coco = json.loads((root / LIVECELL_JSON).read_text())
+    coco["categories"].append({"id": 2, "name": "shsy5y"})
+    (root / LIVECELL_JSON).write_text(json.dumps(coco))
+    _repeat_annotation(root, category_id=2)
+    with pytest.raises(DataError, match=rf"^{root / LIVECELL_JSON}: annotation 103 \(#3\): same mask as annotation #1"):
         coco_to_source(root / LIVECELL_JSON, root)
 
 

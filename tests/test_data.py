@@ -25,7 +25,7 @@ from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, LABELS_DIR, decode_dat
 from cellseg.errors import DataError, ParamsError
 from cellseg.io import write_png
 from cellseg.patches import sample_patches
-from cellseg.sources import load_source
+from cellseg.sources import CELL_TYPES, load_source
 from cellseg.sources.synthetic import synthesize
 
 MEAN, STD = 0.5, 0.25
@@ -151,6 +151,16 @@ def test_patch_dataset_shapes(store: ImageStore, synthetic: tuple, channels: int
     assert item["image"].shape == (channels, 128, 128) and item["image"].dtype == torch.float32
     assert item["target"].shape == (128, 128) and item["target"].dtype == torch.int64
     assert set(item["target"].unique().tolist()) <= {0, 1, 2}
+    types = [int(dataset[i]["type"]) for i in range(len(dataset))]
+    assert types == [CELL_TYPES.index(t) for t in index["cell_type"]]  # the window's image's type
+    assert item["type"].dtype == torch.int64 and item["type"].shape == ()
+
+
+def test_patch_dataset_refuses_an_unknown_cell_type(store: ImageStore) -> None:
+    index = _index(store.image_ids[0], 2)
+    index.loc[1, "cell_type"] = "neuron"
+    with pytest.raises(DataError, match="patch index: unknown cell type 'neuron'; expected one of shsy5y, astro, cort"):
+        PatchDataset(index, store, None, MEAN, STD, 1)
 
 
 def test_patch_crop_without_augmentation(store: ImageStore) -> None:
@@ -208,11 +218,16 @@ def test_whole_image_dataset(store: ImageStore) -> None:
     assert item["valid"][:520].all() and (item["target"][520:] == IGNORE_INDEX).all()
     assert (item["target"][:520].numpy() == store.targets(image_id)).all()
     assert (item["image_id"], item["cell_type"]) == (image_id, store.cell_type(image_id))
+    assert item["type"].dtype == torch.int64 and int(item["type"]) == CELL_TYPES.index(store.cell_type(image_id))
+    assert item["labels"].shape == (544, 704) and item["labels"].dtype == torch.int64
+    assert (item["labels"][:520].numpy() == store.labels(image_id)).all() and (item["labels"][520:] == 0).all()
     # reflect padding: row 520 mirrors row 518
     assert torch.equal(item["image"][:, 520], item["image"][:, 518])
     batch = next(iter(DataLoader(dataset, batch_size=2, collate_fn=WholeImageDataset.collate, num_workers=2)))
     assert batch["image"].shape == (2, 3, 544, 704) and batch["target"].shape == (2, 544, 704)
     assert batch["image_id"] == store.image_ids[:2] and batch["height"].tolist() == [520, 520]
+    assert batch["labels"].shape == (2, 544, 704)
+    assert batch["type"].tolist() == [CELL_TYPES.index(store.cell_type(i)) for i in store.image_ids[:2]]
 
 
 def test_whole_image_collate_pads_to_the_batch_maximum(tmp_path: Path, store: ImageStore) -> None:
@@ -224,3 +239,5 @@ def test_whole_image_collate_pads_to_the_batch_maximum(tmp_path: Path, store: Im
     assert batch["image"].shape == (2, 1, 544, 704)
     assert batch["valid"].sum(dim=(1, 2)).tolist() == [40 * 50, 520 * 704]
     assert (batch["target"][0, 64:] == IGNORE_INDEX).all() and (batch["image"][0, :, 64:] == 0).all()
+    assert (batch["labels"][0, :40, :50].numpy() == labels[:40, :50]).all() and (batch["labels"][0, 40:] == 0).all()
+    assert batch["type"].tolist() == [CELL_TYPES.index("astro"), CELL_TYPES.index(store.cell_type(store.image_ids[0]))]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from cellseg import distributed
 from cellseg.checkpoint import load_checkpoint
+from cellseg.config import UNetParams
 from cellseg.data import PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.tracking import Tracker, open_tracker
@@ -112,7 +113,8 @@ def test_ddp_ranks_end_with_equal_weights(ddp_run: Path) -> None:
     assert last["model_state"].keys() == one["state"].keys()
     for key, weights in last["model_state"].items():
         assert torch.equal(one["state"][key], weights), key
-    assert PlainNet(seed=0).state_dict()["body.0.weight"].ne(PlainNet(seed=1).state_dict()["body.0.weight"]).any()
+    key = "features.0.weight"
+    assert PlainNet(seed=0).state_dict()[key].ne(PlainNet(seed=1).state_dict()[key]).any()
 
 
 def test_ddp_ranks_train_on_disjoint_shards(ddp_run: Path, single_run: tuple) -> None:
@@ -141,7 +143,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(ddp_run: Path, single_r
     last = load_checkpoint(ddp_run / "models" / "last.pt", "unet")
     for key, value in weights.items():
         torch.testing.assert_close(last["model_state"][key], value, rtol=1e-5, atol=1e-7)
-    assert (weights["body.0.weight"] - PlainNet(seed=0).state_dict()["body.0.weight"]).abs().max() > 1e-3
+    assert (weights["features.0.weight"] - PlainNet(seed=0).state_dict()["features.0.weight"]).abs().max() > 1e-3
     for ddp, one in zip(stable(last["history"]), stable(history), strict=True):
         for key in ("train/loss", "lr", *(k for k in one if k.startswith("val/"))):
             assert ddp[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
@@ -188,8 +190,12 @@ def test_unet_under_ddp_needs_find_unused_parameters(find_unused: bool) -> None:
     trains it with the flag and fails at the second step without it (shown in a group of one process)."""
     assert UNetTask.find_unused_parameters
     torch.manual_seed(0)
-    model, task = build_unet(encoder="efficientnet-b0"), UNetTask()
-    batch = {"image": torch.randn(2, 3, 64, 64), "target": torch.randint(0, 3, (2, 64, 64))}
+    params = UNetParams(encoder="efficientnet-b0")
+    model = build_unet(encoder=params.encoder, decoder_channels=params.decoder_channels)
+    task = UNetTask(params)
+    batch = {
+        "image": torch.randn(2, 3, 64, 64), "target": torch.randint(0, 3, (2, 64, 64)), "type": torch.tensor([0, 2]),
+    }
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         trained = distributed.wrap(model, torch.device("cpu"), find_unused)

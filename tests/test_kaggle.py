@@ -1,7 +1,9 @@
-"""The Kaggle reader: every bad input is a DataError naming the file and the row."""
+"""The Kaggle reader: every bad input is a DataError naming the file and the row; what real train.csv files
+hold (exact duplicate rows, blank metadata) is accepted with one warning each."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +13,24 @@ from PIL import Image
 
 from cellseg.errors import DataError, ParamsError
 from cellseg.sources import load_source, subset
-from cellseg.sources.kaggle import CSV_COLUMNS, read_kaggle
+from cellseg.sources.kaggle import CSV_COLUMNS, METADATA_COLUMNS, read_kaggle
+
+LOGGER = "cellseg.sources.kaggle"
 
 
 def _edit_csv(root: Path, edit) -> None:
     table = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
     edit(table)
     table.to_csv(root / "train.csv", index=False)
+
+
+def _repeat_row(table: pd.DataFrame, i: int, **changes: str) -> None:
+    """Append a copy of row ``i`` (0-based, CSV line i + 2) with ``changes``."""
+    table.loc[len(table)] = {**table.iloc[i].to_dict(), **changes}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
 
 
 def test_reads_the_real_sample(real_dir: Path) -> None:
@@ -41,12 +54,21 @@ def test_reads_a_tiny_directory(make_kaggle) -> None:
         (lambda t: t.drop(columns="cell_type", inplace=True), "missing column"),
         (lambda t: t.insert(2, "extra", "x"), "unexpected column"),
         (lambda t: t.drop(t.index, inplace=True), "no annotation rows"),
-        (lambda t: t.loc.__setitem__(len(t), t.iloc[3]), r"row 20 .*duplicate annotation \(same as row 5\)"),
+        (
+            lambda t: _repeat_row(t, 3, sample_id="other"),
+            r"row 20 .*duplicate annotation \(same as row 5, other fields differ\)",
+        ),
+        (
+            lambda t: _repeat_row(t, 3, plate_time="99h00m00s"),
+            r"row 20 .*duplicate annotation \(same as row 5, other fields differ\)",
+        ),
         (lambda t: t.loc.__setitem__((4, "cell_type"), "neuron"), r"row 6 .*unknown cell_type 'neuron'"),
         (lambda t: t.loc.__setitem__((0, "width"), "4x"), r"row 2 .*width '4x' is not a positive integer"),
         (lambda t: t.loc.__setitem__((1, "height"), "0"), r"row 3 .*height '0' is not a positive integer"),
         (lambda t: t.loc.__setitem__((1, "height"), "41"), r"row 3 .*height '41' differs from the image's first row"),
         (lambda t: t.loc.__setitem__((2, "sample_id"), "other"), r"row 4 .*sample_id 'other' differs"),
+        (lambda t: t.loc.__setitem__((2, "sample_id"), ""), r"row 4 .*sample_id '' differs from the image's first row"),
+        (lambda t: t.loc.__setitem__((0, "plate_time"), ""), r"row 3 .*plate_time '10h00m00s' differs"),
         (lambda t: t.loc.__setitem__((0, "id"), "../x"), r"row 2 .*not a safe file name"),
         (lambda t: t.loc.__setitem__((0, "id"), "a/b"), r"row 2 .*not a safe file name"),
         (lambda t: t.loc.__setitem__((0, "id"), ".."), r"row 2 .*not a safe file name"),
@@ -136,3 +158,60 @@ def test_unknown_source(make_kaggle) -> None:
 
 def test_columns_are_the_competitions() -> None:
     assert ",".join(CSV_COLUMNS) == "id,annotation,width,height,cell_type,plate_time,sample_date,sample_id,elapsed_timedelta"
+
+
+def test_exact_duplicate_row_is_dropped_with_one_warning(make_kaggle, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_kaggle()
+    clean = read_kaggle(root)
+    _edit_csv(root, lambda t: (_repeat_row(t, 3), _repeat_row(t, 3), _repeat_row(t, 9)))  # rows 20, 21, 22
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        data = read_kaggle(root)
+    (message,) = _warnings(caplog)
+    assert "dropped 3 row(s)" in message and "in 2 image(s): sh0000000001, as1000000001 (rows 20, 21, 22)" in message
+    pd.testing.assert_frame_equal(data.images, clean.images)
+    pd.testing.assert_frame_equal(data.annotations, clean.annotations)
+
+
+def test_blank_metadata_is_accepted_with_one_warning(make_kaggle, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_kaggle()
+    _edit_csv(root, lambda t: t.loc.__setitem__((slice(0, 5), list(METADATA_COLUMNS)), ""))  # images 1 and 2
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        data = read_kaggle(root)
+    (message,) = _warnings(caplog)
+    assert "blank metadata accepted" in message and "sample_id (2)" in message and "of 6" in message
+    assert "its own group in the split" in message
+    blank = data.images.set_index("image_id").loc[["sh0000000000", "sh0000000001"], list(METADATA_COLUMNS)]
+    assert (blank == "").all(axis=None)
+    assert (data.images["sample_id"] != "").sum() == 4 and len(data.annotations) == 18
+
+
+def test_clean_csv_gives_no_warning(make_kaggle, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        read_kaggle(make_kaggle())
+    assert _warnings(caplog) == []
+
+
+def test_short_row_is_refused(make_kaggle) -> None:
+    """pandas pads a row with too few fields with empty strings: the reader counts the fields itself."""
+    root = make_kaggle()
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 2)[0]  # line 6 loses its last two fields
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train.csv: row 6: 7 field\(s\), the header has 9 \(a row cut short\?\)"):
+        read_kaggle(root)
+
+
+def test_reads_the_real_training_set(sartorius_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """All 361 images (PNG headers only), 15 exact duplicate rows dropped in 6 images, two warnings."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        data = read_kaggle(sartorius_dir)
+    assert len(data.images) == 361
+    assert data.images["cell_type"].value_counts().to_dict() == {"cort": 249, "astro": 88, "shsy5y": 24}
+    assert len(data.annotations) == 23_586
+    assert not data.annotations.duplicated(["image_id", "annotation"]).any()
+    assert ((data.images["width"] == 704) & (data.images["height"] == 520)).all()
+    duplicates, blank = _warnings(caplog)
+    assert "dropped 15 row(s)" in duplicates and "in 6 image(s)" in duplicates
+    assert all(f"{column} (360)" in blank for column in METADATA_COLUMNS) and "of 361" in blank
+    raw = pd.read_csv(sartorius_dir / "train.csv", dtype=str, keep_default_na=False)
+    assert len(raw) == 23_601 and len(raw.drop_duplicates()) == 23_586  # what was dropped: exact repeats only

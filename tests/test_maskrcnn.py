@@ -18,7 +18,7 @@ from cellseg import rle
 from cellseg.coco import coco_to_source, to_coco, write_coco
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset, decode_image
 from cellseg.errors import DataError, ParamsError, ResourceError
-from cellseg.inference import load_predictor
+from cellseg.inference import UNKNOWN_CLASS, Instances, load_predictor, majority_class
 from cellseg.models.maskrcnn import (
     InstanceDataset,
     MaskRCNNTask,
@@ -225,6 +225,33 @@ def test_empty_output() -> None:
               "boxes": torch.zeros(0, 4)}
     instances = predict_instances(output, tiny_params())
     assert instances.labels.shape == (8, 9) and not instances.labels.any() and len(instances.classes) == 0
+    assert instances.image_class == UNKNOWN_CLASS and instances.image_type is None
+
+
+def test_image_class_is_the_majority_of_the_kept_cells() -> None:
+    """Two cort cells kept; three astro detections, two of them below astro's minimum size: the image is cort."""
+    shape = (40, 40)
+    masks = [
+        box(shape, slice(0, 8), slice(0, 8)),
+        box(shape, slice(0, 8), slice(10, 18)),
+        box(shape, slice(20, 28), slice(0, 8)),
+        box(shape, slice(30, 32), slice(30, 32)),
+        box(shape, slice(35, 37), slice(35, 37)),
+    ]
+    params = tiny_params(min_size={"shsy5y": 1, "astro": 10, "cort": 1}, score_threshold={t: 0.1 for t in CELL_TYPES})
+    instances = predict_instances(fake_output(masks, [3, 3, 2, 2, 2], [0.9, 0.8, 0.7, 0.6, 0.5]), params)
+    assert instances.classes.tolist() == [3, 3, 2]
+    assert instances.image_class == 3 and instances.image_type == "cort"
+
+
+def test_majority_class_and_image_type() -> None:
+    assert majority_class(np.array([3, 1, 3, 2])) == 3
+    assert majority_class(np.array([2, 3, 3, 2])) == 2  # a tie: the lowest category
+    assert majority_class(np.array([], dtype=np.int64)) == UNKNOWN_CLASS
+    empty = np.zeros((2, 2), np.uint16)
+    assert [Instances(empty, np.zeros(0), np.zeros(0), image_class=c).image_type for c in (0, 1, 2, 3)] == [
+        None, *CELL_TYPES
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,11 +299,12 @@ def test_cellseg_checkpoint_as_weights_and_predictor(tmp_path: Path, tiny_state:
     model = build_maskrcnn(tiny_params(weights=str(tmp_path / "best.pt")))
     assert all(torch.equal(v, tiny_state[k]) for k, v in model.state_dict().items())
     predictor = load_predictor(tmp_path / "best.pt", CPU)
-    assert predictor.name == "maskrcnn" and predictor.gives_class
+    assert predictor.name == "maskrcnn"
     image = np.random.default_rng(0).integers(0, 256, (64, 96), dtype=np.uint8)
-    (instances,) = predictor.predict([image], [None])
+    (instances,) = predictor.predict([image])
     assert instances.labels.shape == (64, 96) and instances.labels.dtype == np.uint16
     assert len(instances) == int(instances.labels.max()) and set(instances.classes.tolist()) <= {1, 2, 3}
+    assert instances.image_class == majority_class(instances.classes)
 
 
 def test_foreign_state_dict_is_refused(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cellseg.checkpoint import load_checkpoint
+from cellseg.config import UNetParams
 from cellseg.data import WholeImageDataset
 from cellseg.errors import ResourceError
 from cellseg.models.unet import UNetTask
@@ -96,9 +97,9 @@ def test_tracked_training_through_a_server(server: str, tmp_path: Path, client_e
 
     sets = datasets(make_data(tmp_path / "data"))
     cfg = config(epochs=2)
-    record = run_record({"train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}, "unet", REPO)
+    record = run_record({"train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}, "unet", repo_dir=REPO)
     summary = train_tracked(
-        new_model(), UNetTask(), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
+        new_model(), UNetTask(UNetParams()), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
         tracker=open_tracker(uri=server, experiment="server-test", run_name="unet"),
         model_params={"encoder": "tiny"}, val_collate_fn=WholeImageDataset.collate, **record,
     )
@@ -124,7 +125,7 @@ def test_tracked_training_through_a_server(server: str, tmp_path: Path, client_e
     assert listed("") == {"plots": True, "metrics": True, "checkpoints": True}  # MLflow 3: models live apart
     assert listed("plots") == {"plots/curves.png": False} and listed("metrics") == {"metrics/epochs.csv": False}
     assert listed("checkpoints") == {"checkpoints/best.pt": False}
-    assert summary["best_epoch"] == int(np.argmax([r["val/dice"] for r in history])) + 1
+    assert summary["best_epoch"] == int(np.argmax([r["val/map"] for r in history])) + 1
 
     mlflow.set_tracking_uri(server)
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -147,3 +148,40 @@ def test_training_stage_run_twice_gives_the_same_model(stage: str, make_kaggle, 
     assert weights[0].keys() == weights[1].keys() == weights[2].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_decode_and_split_read_the_real_training_set_as_it_is(sartorius_dir: Path, tmp_path: Path) -> None:
+    """``../shared/sartorius`` unchanged through the stage scripts: its 15 exact duplicate rows are dropped and
+    its blank metadata accepted, each with one warning; the split puts every cell type on both sides."""
+    _write_params(tmp_path / "params.yaml", data={"source": "kaggle", "root": str(sartorius_dir)})
+    decode = _stage("decode", "--out", "decoded", cwd=tmp_path)
+    assert decode.returncode == 0, decode.stderr[-2000:]
+    warnings = [line for line in decode.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 2, warnings
+    assert "dropped 15 row(s) that repeat an earlier row of the same image exactly, in 6 image(s)" in warnings[0]
+    assert "blank metadata accepted" in warnings[1] and "sample_id (360)" in warnings[1]
+    images = pd.read_parquet(tmp_path / "decoded" / "images.parquet")
+    assert len(images) == 361 and images["n_cells"].sum() == 23_601 - 15
+    split = _stage("split", "--decoded", "decoded", "--out", "split.json", cwd=tmp_path)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert "360 of 361 image(s) have no sample_id: each is its own group" in split.stderr
+    counts = json.loads((tmp_path / "split.json").read_text())["counts"]
+    assert all(sorted(counts[part]) == ["astro", "cort", "shsy5y"] for part in ("train", "val"))
+
+
+@pytest.mark.slow
+def test_real_data_benchmark_runs_end_to_end(sartorius_dir: Path, tmp_path: Path) -> None:
+    """``bench/real.py --quick``: the whole chain on a real subset, scored on its real validation images, for the
+    models trained on real images and for the synthetic-only ones (about 2 minutes)."""
+    out, plot = tmp_path / "real.json", tmp_path / "curve.png"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "real.py"), "--quick", "--data", str(sartorius_dir),
+         "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(plot)],
+        cwd=REPO, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"real training folds", "synthetic only (default)"}
+    for metrics in record["results"].values():
+        assert {"map", "coco_segm_AP", "dice", "n_pred", "n_true", "image_type_accuracy"} <= set(metrics["unet"])
+    assert record["unet_curve"] and "val/map" in record["unet_curve"][0] and plot.stat().st_size > 0

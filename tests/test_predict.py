@@ -11,15 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from cellseg import rle
 from cellseg.checkpoint import save_checkpoint
+from cellseg.cli import build_parser
 from cellseg.config import UNetParams
 from cellseg.errors import DataError
+from cellseg.inference import UNetPredictor
 from cellseg.io import read_labels
 from cellseg.models.unet import build_unet
 from cellseg.predict import predict_images, submission_rows
+from cellseg.sources import CELL_TYPES
 
 CPU = torch.device("cpu")
 
@@ -28,7 +33,7 @@ CPU = torch.device("cpu")
 def checkpoint(tmp_path_factory) -> Path:
     params = UNetParams(encoder="resnet18", min_size={"shsy5y": 5, "astro": 5, "cort": 5}, marker_threshold=0.3)
     torch.manual_seed(0)
-    model = build_unet(encoder="resnet18", classes=3)
+    model = build_unet(encoder="resnet18", classes=3, decoder_channels=params.decoder_channels)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_checkpoint(path, "unet", {"model_params": params.model_dump(), "model_state": model.state_dict(), "epoch": 1})
     return path
@@ -63,6 +68,8 @@ def test_predict_writes_labels_coco_and_submission(checkpoint: Path, images: Pat
     coco = json.loads((out / "predictions.json").read_text())
     assert coco["model"] == "unet" and len(coco["images"]) == 3
     assert len(coco["annotations"]) == summary["instances"]
+    category = {image["id"]: CELL_TYPES.index(image["cell_type"]) + 1 for image in coco["images"]}  # predicted
+    assert all(a["category_id"] == category[a["image_id"]] for a in coco["annotations"])
     for image_id, rows in submission.groupby("id"):
         labels = read_labels(out / "labels" / f"{image_id}.png")
         masks = [rle.decode(p, labels.shape) for p in rows["predicted"] if p]
@@ -70,6 +77,41 @@ def test_predict_writes_labels_coco_and_submission(checkpoint: Path, images: Pat
         if masks:
             assert np.stack(masks).sum(axis=0).max() == 1  # non-overlapping
             assert np.array_equal(np.stack(masks).any(axis=0), labels > 0)
+
+
+class DarkCells(nn.Module):
+    """A stand-in U-Net: cell interior where the input is dark, background elsewhere, and cell type ``cell_type``."""
+
+    def __init__(self, cell_type: str) -> None:
+        super().__init__()
+        self.type_index = CELL_TYPES.index(cell_type)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dark = (x[:, :1] < 0).float()
+        logits = 20.0 * torch.cat([1 - dark, dark, torch.zeros_like(dark)], dim=1)
+        types = torch.full((len(x),), self.type_index)
+        return logits, 20.0 * F.one_hot(types, len(CELL_TYPES)).float()
+
+
+@pytest.mark.parametrize(("cell_type", "n_cells"), [("shsy5y", 2), ("cort", 1), ("astro", 0)])
+def test_unet_cells_get_the_heads_cell_type_and_its_min_size(cell_type: str, n_cells: int) -> None:
+    """Two dark squares of 100 and 36 pixels; the head's cell type picks the minimum size (no truth is given)."""
+    image = np.full((64, 96), 210, dtype=np.uint8)
+    image[5:15, 5:15] = image[30:36, 50:56] = 40
+    params = UNetParams(encoder="resnet18", min_size={"shsy5y": 1, "cort": 50, "astro": 1000})
+    (found,) = UNetPredictor(DarkCells(cell_type), params, CPU).predict([image])
+    assert found.image_type == cell_type and found.image_class == CELL_TYPES.index(cell_type) + 1
+    assert len(found) == int(found.labels.max()) == n_cells
+    assert found.classes.tolist() == [found.image_class] * n_cells
+    assert found.scores.tolist() == pytest.approx([1.0] * n_cells)
+
+
+def test_predict_takes_no_cell_type() -> None:
+    """A U-Net names the cell type itself: ``--cell-type`` is gone."""
+    parser = build_parser()
+    assert parser.parse_args(["predict", "--model", "m.pt", "images", "--out", "o"]).command == "predict"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "--model", "m.pt", "images", "--out", "o", "--cell-type", "astro"])
 
 
 def test_existing_output_is_kept_unless_overwrite(checkpoint: Path, images: Path, tmp_path: Path) -> None:

@@ -3,7 +3,9 @@ creating an MLflow database takes seconds), a disabled tracker and unreachable s
 
 from __future__ import annotations
 
+import hashlib
 import http.server
+import json
 import socket
 import subprocess
 import threading
@@ -16,12 +18,17 @@ import torch
 
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.tracking import (
+    DatasetInput,
     Tracker,
     check_server,
+    content_digest,
+    dataset_input,
     dvc_experiment_name,
     flatten_params,
     git_commit,
     open_tracker,
+    run_name,
+    run_record,
     tracking_uri,
 )
 
@@ -146,6 +153,95 @@ def test_full_run_round_trip(in_store: Path, monkeypatch: pytest.MonkeyPatch) ->
     for uri in (f"runs:/{run_id}/model", model_uri):
         loaded = mlflow.pytorch.load_model(uri)
         assert torch.equal(loaded(x), model(x))
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _dvc_dir_md5(root: Path) -> str:
+    """DVC's directory hash, computed here from its definition: the md5 of the JSON list of every file's md5
+    and POSIX relative path (sorted by path, keys sorted), plus ".dir"."""
+    entries = [
+        {"md5": _md5(p.read_bytes()), "relpath": p.relative_to(root).as_posix()} for p in root.rglob("*") if p.is_file()
+    ]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True).encode("utf-8")
+    return _md5(listing) + ".dir"
+
+
+def test_content_digest_is_dvcs_md5(tmp_path: Path) -> None:
+    """A file: the md5 of its bytes (DVC 3 hashes text as is: no CRLF normalisation); a directory: DVC's
+    ``<md5>.dir``, which changes with any file's content or name."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train.csv").write_bytes(b"id,annotation\r\na,1 2\r\n")
+    (data / "train" / "a.png").write_bytes(bytes(range(256)))
+    assert content_digest(data / "train.csv") == _md5(b"id,annotation\r\na,1 2\r\n")
+    digest = content_digest(data)
+    assert digest == _dvc_dir_md5(data) and digest.endswith(".dir") and len(digest) == 36
+    assert content_digest(str(data)) == digest  # the same for a str path
+    (data / "train" / "a.png").write_bytes(bytes(range(255)))
+    changed = content_digest(data)
+    assert changed != digest and changed == _dvc_dir_md5(data)
+    (data / "train" / "a.png").rename(data / "train" / "b.png")
+    assert content_digest(data) not in (digest, changed)
+
+
+def test_run_name() -> None:
+    assert run_name("unet", "kaggle", "exp-x") == "unet · kaggle · exp-x"
+    assert run_name("maskrcnn", "synthetic") == run_name("maskrcnn", "synthetic", None) == "maskrcnn · synthetic"
+
+
+def test_dataset_input(tmp_path: Path) -> None:
+    root = tmp_path / "sartorius"
+    root.mkdir()
+    (root / "train.csv").write_text("id\n")
+    data = dataset_input("kaggle", root, root / "train.csv", "validation", limit_images=12)
+    assert data == DatasetInput(
+        name="kaggle:sartorius[12 images]", source=str(root), digest=_md5(b"id\n"), context="validation",
+        tags={"data.source": "kaggle", "data.root": str(root), "file": str(root / "train.csv")},
+    )
+    whole = dataset_input("kaggle", root, root)
+    assert (whole.name, whole.context, whole.digest) == ("kaggle:sartorius", "training", _dvc_dir_md5(root))
+
+
+def test_run_record_carries_the_data_source_and_inputs(tmp_path: Path) -> None:
+    inputs = [DatasetInput("kaggle:x", str(tmp_path), "0" * 32)]
+    params = {"data": {"source": "kaggle"}, "train": {"unet": {"resume": True, "lr": 0.1}}}
+    record = run_record(params, "unet", inputs, tmp_path)
+    assert record["run_params"] == {"data.source": "kaggle", "train.unet.lr": 0.1}
+    assert record["run_tags"]["data_source"] == "kaggle" and record["run_tags"]["model"] == "unet"
+    assert record["run_inputs"] == inputs
+    bare = run_record({}, "maskrcnn", repo_dir=tmp_path)
+    assert bare["run_tags"]["data_source"] is None and bare["run_inputs"] == []
+
+
+def test_run_logs_its_name_and_data_inputs(in_store: Path) -> None:
+    """Each input is a dataset of the run (``mlflow.log_input``): name, DVC digest, source, context tag."""
+    data = in_store / "kaggle_data"
+    data.mkdir()
+    (data / "train.csv").write_text("id,annotation\n")
+    (data / "decoded").mkdir()
+    (data / "decoded" / "images.parquet").write_bytes(b"parquet")
+    inputs = [
+        dataset_input("kaggle", data, data / "train.csv", "training"),
+        dataset_input("kaggle", data, data / "decoded", "validation", limit_images=5),
+    ]
+    name = run_name("unet", "kaggle", "exp-x")
+    with open_tracker(experiment="inputs", run_name=name) as tracker:
+        tracker.start(params={"a": 1}, tags={}, inputs=inputs)
+        run_id = tracker.run_id
+    run = _client().get_run(run_id)
+    assert run.info.run_name == name
+    logged = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(logged) == ["kaggle:kaggle_data", "kaggle:kaggle_data[5 images]"]
+    for expected in inputs:
+        found = logged[expected.name]
+        tags = {t.key: t.value for t in found.tags}
+        assert found.dataset.digest == expected.digest
+        assert tags["mlflow.data.context"] == expected.context and tags["file"] == expected.tags["file"]
+        assert str(data) in found.dataset.source
+    assert logged["kaggle:kaggle_data[5 images]"].dataset.digest == _dvc_dir_md5(data / "decoded")
 
 
 def test_exception_marks_run_failed_and_interrupt_killed(in_store: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import math
 import os
 import pickle
@@ -21,28 +22,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from cellseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from cellseg.config import TrainParams
-from cellseg.data import PatchDataset, WholeImageDataset, build_augmentations
+from cellseg.config import TrainParams, UNetParams
+from cellseg.data import IGNORE_INDEX, PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.errors import DataError, TrainingError
 from cellseg.models.unet import UNetTask, build_unet
-from cellseg.tracking import Tracker, open_tracker, run_record
-from cellseg.train import fit, train_tracked, warmup_cosine
-from helpers.fit_job import TinyNet, config, new_model, stable
+from cellseg.sources import CELL_TYPES
+from cellseg.tracking import Tracker, dataset_input, open_tracker, run_record
+from cellseg.train import autocast, fit, mixed_precision, train_tracked, warmup_cosine
+from helpers.fit_job import MEAN, STD, TinyNet, config, new_model, stable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HELPER = Path(__file__).parent / "helpers" / "fit_job.py"
 REPO = Path(__file__).resolve().parents[1]
-
-
-
-
-
-
+CPU = torch.device("cpu")
 
 
 def run_fit(
@@ -54,11 +52,9 @@ def run_fit(
 ) -> list[dict[str, float]]:
     """``fit`` a fresh seeded :class:`TinyNet` into ``out/models`` and ``out/epochs.csv``."""
     return fit(
-        new_model(), task or UNetTask(), *sets, cfg, out / "models", out / "epochs.csv", tracker or Tracker(),
+        new_model(), task or UNetTask(UNetParams()), *sets, cfg, out / "models", out / "epochs.csv", tracker or Tracker(),
         val_collate_fn=WholeImageDataset.collate,
     )
-
-
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -66,7 +62,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def assert_best_is_argmax(models: Path, history: list[dict[str, float]], monitor: str = "val/dice") -> None:
+def assert_best_is_argmax(models: Path, history: list[dict[str, float]], monitor: str = "val/map") -> None:
     """best.pt holds the first epoch with the highest monitored value (improvement is strict)."""
     best = load_checkpoint(models / "best.pt", "unet")
     values = [row[monitor] for row in history]
@@ -82,7 +78,7 @@ class InterruptAt(UNetTask):
     """:class:`UNetTask` that fails in the validation of epoch ``epoch`` (after that epoch's training)."""
 
     def __init__(self, epoch: int) -> None:
-        super().__init__()
+        super().__init__(UNetParams())
         self.epoch, self.calls = epoch, 0
 
     def validate(self, model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
@@ -114,7 +110,7 @@ def test_warmup_cosine() -> None:
 def test_training_steps_lower_the_loss(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
     """A U-Net (resnet18 encoder) trained on one fixed batch of patches: the loss goes down."""
     torch.manual_seed(0)
-    model, task, device = build_unet(encoder="resnet18"), UNetTask(), torch.device("cpu")
+    model, task, device = build_unet(encoder="resnet18"), UNetTask(UNetParams(encoder="resnet18")), torch.device("cpu")
     batch = default_collate([sets[0][i] for i in range(4)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with torch.no_grad():
@@ -125,19 +121,176 @@ def test_training_steps_lower_the_loss(sets: tuple[PatchDataset, WholeImageDatas
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        after = float(task.train_step(model, batch, device)["loss"])
-    assert math.isfinite(before) and after < before
+        stats = task.train_step(model, batch, device)
+    assert set(stats) == {"loss", "ce", "dice_loss", "type_ce", "iou", "dice", "type_accuracy"}
+    assert math.isfinite(before) and float(stats["loss"]) < before
+
+
+def _two_type_batch(patches: PatchDataset, per_type: int = 4) -> dict[str, torch.Tensor]:
+    """``per_type`` windows of each of the first two cell types among ``patches``."""
+    types = np.array([int(patches[i]["type"]) for i in range(len(patches))])
+    first, second = np.unique(types)[:2]
+    picked = [*np.flatnonzero(types == first)[:per_type], *np.flatnonzero(types == second)[:per_type]]
+    return default_collate([patches[int(i)] for i in picked])
+
+
+def test_type_head_learns(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
+    """A tiny resnet18 U-Net on windows of two cell types: a few steps teach its head the windows' types; with
+    ``type_loss_weight: 0`` the head gets no gradient."""
+    batch = _two_type_batch(sets[0])
+    params = UNetParams(encoder="resnet18", decoder_channels=[16] * 5, type_loss_weight=1.0)
+    torch.manual_seed(0)
+    model = build_unet(encoder="resnet18", decoder_channels=params.decoder_channels)
+    task = UNetTask(params)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(6):
+        stats = task.train_step(model, batch, CPU)
+        optimizer.zero_grad()
+        stats["loss"].backward()
+        optimizer.step()
+        history.append((stats["type_ce"].item(), stats["type_accuracy"].item()))
+    with torch.no_grad():
+        last = task.train_step(model, batch, CPU)
+    assert float(last["type_ce"]) < 0.1 * history[0][0] and float(last["type_accuracy"]) == 1.0, history
+
+    unweighted = UNetTask(params.model_copy(update={"type_loss_weight": 0.0}))
+    model.zero_grad()
+    unweighted.train_step(model, batch, CPU)["loss"].backward()
+    assert all(not p.grad.any() for p in model.classification_head.parameters())
+    assert any(p.grad.any() for p in model.segmentation_head.parameters())
+
+
+class ReplayNet(nn.Module):
+    """Stands for a trained model: returns the given (class logits, cell-type logits), one image per call."""
+
+    def __init__(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, type_logits = self.outputs[self.calls]
+        self.calls += 1
+        assert logits.shape[2:] == x.shape[2:]
+        return logits, type_logits
+
+
+def test_validate_scores_instances_with_the_predicted_cell_type(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
+    """Exact pixel classes for all three images (one per cell type) and a chosen cell type for each. cort's
+    minimum size is huge: an image's cells survive unless *predicted* cort, whatever its true type."""
+    store = sets[1].store
+    val = WholeImageDataset(store.image_ids, store, MEAN, STD, 3)
+    assert sorted(store.cell_type(i) for i in store.image_ids) == sorted(CELL_TYPES)
+    guess = {"cort": "shsy5y", "shsy5y": "cort", "astro": "astro"}
+    outputs = []
+    for item in val:
+        pixels = item["target"].masked_fill(item["target"] == IGNORE_INDEX, 0)
+        logits = 20.0 * F.one_hot(pixels, 3).permute(2, 0, 1).float().unsqueeze(0)
+        type_logits = 20.0 * F.one_hot(torch.tensor([CELL_TYPES.index(guess[item["cell_type"]])]), 3).float()
+        outputs.append((logits, type_logits))
+    task = UNetTask(UNetParams(min_size={"shsy5y": 1, "astro": 1, "cort": 10**6}))
+    loader = DataLoader(val, batch_size=1, collate_fn=WholeImageDataset.collate)
+
+    metrics = task.validate(ReplayNet(outputs), loader, CPU)
+
+    assert metrics["type_accuracy"] == pytest.approx(1 / 3)
+    assert [metrics[f"type_accuracy/{t}"] for t in ("astro", "cort", "shsy5y")] == [1.0, 0.0, 0.0]
+    assert metrics["iou"] == metrics["dice"] == 1.0
+    assert metrics["map/cort"] == metrics["map/astro"] == 1.0  # scored with shsy5y's and astro's min size
+    assert metrics["map/shsy5y"] == 0.0  # predicted cort: every cell below the minimum size
+    assert metrics["map"] == pytest.approx(2 / 3)
+
+
+def test_mixed_precision_on_cuda_is_as_requested() -> None:
+    cuda = torch.device("cuda")
+    assert mixed_precision(cuda, True) is True and mixed_precision(cuda, False) is False
+
+
+def test_mixed_precision_on_cpu_needs_native_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On this machine's CPU (no AVX-512 BF16 or AMX) it is off; a CPU with native bfloat16 gets it."""
+    assert mixed_precision(CPU, True) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level(logging.INFO, logger="cellseg.train"):
+        assert mixed_precision(CPU, True) is False
+    assert "no native bfloat16: training in float32" in caplog.text
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert mixed_precision(CPU, True) is True
+    assert mixed_precision(CPU, False) is False
+
+
+def test_autocast_dtype_per_device() -> None:
+    assert autocast(torch.device("cuda"), False).fast_dtype == torch.float16
+    assert autocast(CPU, True).fast_dtype == torch.bfloat16
+    layer = nn.Linear(4, 4)
+    with autocast(CPU, True):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with autocast(CPU, False):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+
+
+class AutocastRecorder(UNetTask):
+    """:class:`UNetTask` that records whether each training step ran under CPU autocast, and in which dtype."""
+
+    def __init__(self) -> None:
+        super().__init__(UNetParams())
+        self.steps: list[tuple[bool, torch.dtype]] = []
+
+    def train_step(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        self.steps.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return super().train_step(model, batch, device)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_fit_on_cpu_trains_in_bfloat16_only_where_native(
+    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    task = AutocastRecorder()
+    history = run_fit(sets, tmp_path, config(epochs=1, amp=True), task=task)
+    assert task.steps == [(native, torch.bfloat16)] * 2
+    assert math.isfinite(history[0]["train/loss"])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_applies_on_cpu(
+    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path, channels_last: bool
+) -> None:
+    model = new_model()
+    fit(
+        model, UNetTask(UNetParams()), *sets, config(epochs=1, channels_last=channels_last), tmp_path / "models",
+        tmp_path / "epochs.csv", Tracker(), val_collate_fn=WholeImageDataset.collate,
+    )
+    weight = model.features[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert weight.is_contiguous() is not channels_last
+
+
+def test_best_checkpoint_follows_the_tasks_monitor(
+    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path
+) -> None:
+    """best.pt is the epoch of the highest ``val/<monitor>`` (here Dice: it varies between epochs, where the
+    tiny network's mAP stays 0)."""
+
+    class DiceMonitored(UNetTask):
+        monitor = "dice"
+
+    history = run_fit(sets, tmp_path, config(epochs=3), task=DiceMonitored(UNetParams()))
+    assert_best_is_argmax(tmp_path / "models", history, monitor="val/dice")
+    assert load_checkpoint(tmp_path / "models" / "best.pt", "unet")["epoch"] > 1
 
 
 def test_fit_writes_metrics_and_checkpoints(sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path) -> None:
     history = run_fit(sets, tmp_path, config(epochs=2))
     rows = read_csv(tmp_path / "epochs.csv")
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    for split in ("train", "val"):
-        for metric in ("loss", "iou", "dice"):
+    for split, metrics in (("train", ("type_ce", "type_accuracy")), ("val", ("map", "type_accuracy"))):
+        for metric in ("loss", "iou", "dice", *metrics):
             values = [float(row[f"{split}/{metric}"]) for row in rows]
             assert values == pytest.approx([h[f"{split}/{metric}"] for h in history])
             assert all(map(math.isfinite, values))
+    assert all(0 < row["train_time_s"] <= row["epoch_time_s"] for row in history)
     last = load_checkpoint(tmp_path / "models" / "last.pt", "unet")
     assert last["epoch"] == 2 and stable(last["history"]) == stable(history)
     assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
@@ -305,7 +458,7 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path, kind: str)
 
 def test_non_finite_loss_stops_training(sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="non-finite loss"):
-        run_fit(sets, tmp_path, config(epochs=1), task=NaNTask())
+        run_fit(sets, tmp_path, config(epochs=1), task=NaNTask(UNetParams()))
     assert not (tmp_path / "models" / "last.pt").exists()
 
 
@@ -331,18 +484,29 @@ def test_fit_without_tracking_writes_nothing_to_the_cwd(
 
 
 def test_train_tracked_records_the_run(
-    sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_mlflow_env: None
+    data_root: Path,
+    sets: tuple[PatchDataset, WholeImageDataset],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_mlflow_env: None,
 ) -> None:
-    """Per-epoch metrics, params and tags from run_record, artifacts and a loadable model in a sqlite store."""
+    """Per-epoch metrics, params, tags and data inputs from run_record, artifacts and a loadable model in a
+    sqlite store."""
     import mlflow.pytorch
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts go to ./mlruns
     cfg = config(epochs=2)
-    record = run_record({"train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}, "unet", REPO)
+    inputs = [
+        dataset_input("synthetic", data_root / "raw", data_root / "patches.parquet", "training"),
+        dataset_input("synthetic", data_root / "raw", data_root / "decoded", "validation"),
+    ]
+    raw = {"data": {"source": "synthetic"}, "train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}
+    record = run_record(raw, "unet", inputs, repo_dir=REPO)
+    assert record["run_tags"]["data_source"] == "synthetic" and record["run_inputs"] == inputs
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     summary = train_tracked(
-        new_model(), UNetTask(), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
+        new_model(), UNetTask(UNetParams()), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
         tracker=open_tracker(uri=uri, experiment="train-test", run_name="unet"), model_params={"encoder": "tiny"},
         val_collate_fn=WholeImageDataset.collate, **record,
     )
@@ -353,6 +517,12 @@ def test_train_tracked_records_the_run(
     assert run.data.params == {k: str(v) for k, v in record["run_params"].items()}
     assert "train.unet.epochs" in run.data.params and "train.unet.resume" not in run.data.params
     assert {k: v for k, v in record["run_tags"].items() if v is not None}.items() <= run.data.tags.items()
+    logged_inputs = {d.dataset.digest: d for d in run.inputs.dataset_inputs}
+    assert sorted(logged_inputs) == sorted(i.digest for i in inputs)
+    for expected_input in inputs:
+        logged = logged_inputs[expected_input.digest]
+        assert logged.dataset.name == "synthetic:raw"
+        assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == expected_input.context
     for key in history[0]:
         if key != "epoch":
             logged = client.get_metric_history(run.info.run_id, key)
@@ -364,7 +534,7 @@ def test_train_tracked_records_the_run(
     assert listed("plots") == ["plots/curves.png"] and listed("metrics") == ["metrics/epochs.csv"]
     assert listed("checkpoints") == ["checkpoints/best.pt"]
     best = load_checkpoint(client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path)), "unet")
-    assert summary["best_epoch"] == best["epoch"] == int(np.argmax([r["val/dice"] for r in history])) + 1
+    assert summary["best_epoch"] == best["epoch"] == int(np.argmax([r["val/map"] for r in history])) + 1
 
     expected = TinyNet()
     expected.load_state_dict(best["model_state"])

@@ -9,9 +9,21 @@ import pytest
 import torch
 
 from cellseg.errors import ParamsError, ResourceError
-from cellseg.models.unet import build_unet, unet_predict
+from cellseg.models.unet import build_unet
+from cellseg.sources import CELL_TYPES
 
 ENCODER = "resnet18"  # small and quick to build on CPU
+
+
+def unet_predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (N, classes, H, W) in eval mode, checking the cell-type head's output on the way."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        logits, type_logits = model(images)
+    model.train(was_training)
+    assert type_logits.shape == (len(images), len(CELL_TYPES))
+    return logits.softmax(dim=1)
 
 
 def perturbed(state: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
@@ -27,7 +39,13 @@ def test_random_init_output_shape(in_channels: int) -> None:
     probs = unet_predict(model, torch.rand(2, in_channels, 64, 64))
     assert probs.shape == (2, 3, 64, 64)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, 64, 64))
-    assert model.training  # unet_predict restores the mode it found
+    assert model.training
+
+
+def test_decoder_channels_are_a_param() -> None:
+    model = build_unet(encoder=ENCODER, decoder_channels=[64, 32, 16, 8, 8])
+    assert model.segmentation_head[0].in_channels == 8
+    assert unet_predict(model, torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
 def test_default_encoder_builds() -> None:

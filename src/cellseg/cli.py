@@ -49,7 +49,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     predict_images(
         args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
-        device=pick_device(args.device), cell_type=args.cell_type,
+        device=pick_device(args.device),
     )
 
 
@@ -69,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     predict.add_argument("--batch-size", type=int, default=4)
     predict.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    predict.add_argument("--cell-type", default=None, help="U-Net only: the cell type, for its size threshold")
     predict.set_defaults(run=_predict)
     return parser
 

@@ -391,6 +391,7 @@ def coco_to_source(json_path: str | Path, image_root: str | Path) -> SourceData:
         raise DataError(f"{json_path}: no annotations")
     images = _resolve_cell_types(images, cells)
     cells["annotation"] = coco_to_rle(cells["rle"].tolist(), cells["where"].tolist().__getitem__)
+    cells = _drop_exact_duplicates(cells, json_path)
     _check_cells(cells)
     annotated = images["coco_id"].isin(cells["image"])
     if not annotated.all():
@@ -547,6 +548,21 @@ def _resolve_cell_types(images: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFra
         category = bad["category_type"]
         raise DataError(f"{bad['where']}: category {category!r} differs from its image's cell type {cell_type!r}")
     return images
+
+
+def _drop_exact_duplicates(cells: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Drop annotations that repeat an earlier one of the same image exactly (same mask, same category), with
+    one warning naming them: nothing is lost. The same mask under another category is refused by
+    :func:`_check_cells`."""
+    repeated = cells.duplicated(["image", "annotation", "category_type"]) & (cells["annotation"] != "")
+    if repeated.any():
+        dropped = [where.split(": ", 1)[-1] for where in cells["where"][repeated]]
+        shown = "; ".join(dropped[:10]) + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else "")
+        log.warning(
+            "%s: dropped %d annotation(s) that repeat an earlier one of the same image exactly: %s",
+            path, len(dropped), shown,
+        )
+    return cells[~repeated].reset_index(drop=True)
 
 
 def _check_cells(cells: pd.DataFrame) -> None:

@@ -65,8 +65,10 @@ class UNetParams(Section):
 
     encoder: str = "efficientnet-b0"
     encoder_weights: str = "none"  # imagenet | none | <path to a local weights file>
+    decoder_channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16, 16], min_length=5, max_length=5)
     channels: Literal[1, 3] = 3
     loss: Literal["ce", "ce_dice"] = "ce_dice"
+    type_loss_weight: float = Field(default=0.3, ge=0.0)
     boundary_width: int = Field(default=1, ge=1, le=5)
     augment: list[str] = Field(default_factory=lambda: ["hflip", "vflip", "rotate90", "brightness_contrast"])
     mean: float = Field(default=0.5, ge=0.0, le=1.0)

@@ -1,4 +1,4 @@
-"""Training data for the semantic U-Net: 3-class targets, an in-memory image store, augmentations, datasets.
+"""Training data for the U-Net: 3-class targets, an in-memory image store, augmentations, datasets.
 
 Targets have three classes: 0 background, 1 cell interior, 2 cell boundary (the pixels of a cell that touch
 another cell or the background), so that touching cells stay apart once the interior is split into instances.
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from cellseg.decode import IMAGES_TABLE, LABELS_DIR
 from cellseg.errors import DataError, ParamsError
 from cellseg.io import read_gray, read_labels
+from cellseg.sources import CELL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,7 @@ class PatchDataset(AugmentedDataset):
         self._x0 = index["x0"].to_numpy(np.int64)
         self._y0 = index["y0"].to_numpy(np.int64)
         self._size = index["size"].to_numpy(np.int64)
+        self._types = _type_ids(index["cell_type"], "patch index")
         self.store = store
         self.augment = augment
         self.mean, self.std, self.channels = mean, std, channels
@@ -292,12 +294,23 @@ class PatchDataset(AugmentedDataset):
         return {
             "image": normalize(image, self.mean, self.std, self.channels),
             "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64)),
+            "type": torch.tensor(self._types[i]),
         }
+
+
+def _type_ids(cell_types: pd.Series, what: str) -> np.ndarray:
+    """Index of each cell type in :data:`~cellseg.sources.CELL_TYPES` (the type head's classes)."""
+    ids = pd.Categorical(cell_types, categories=list(CELL_TYPES)).codes.astype(np.int64)
+    if (ids < 0).any():
+        raise DataError(f"{what}: unknown cell type {cell_types[ids < 0].iloc[0]!r}; expected one of {', '.join(CELL_TYPES)}")
+    return ids
+
 
 class WholeImageDataset(Dataset):
     """Whole images for validation, padded at the bottom/right to a multiple of ``pad_multiple``.
 
-    The image is reflect-padded, the target padded with :data:`IGNORE_INDEX`; ``valid`` marks real pixels.
+    The image is reflect-padded, the target padded with :data:`IGNORE_INDEX`, the instance labels with 0;
+    ``valid`` marks real pixels; ``type`` is the image's cell type (its index in ``CELL_TYPES``).
     """
 
     def __init__(
@@ -328,12 +341,15 @@ class WholeImageDataset(Dataset):
         tensor, pad = padded_input(image, self.mean, self.std, self.channels, self.pad_multiple)
         valid = np.zeros(tensor.shape[1:], dtype=bool)
         valid[:height, :width] = True
+        cell_type = self.store.cell_type(image_id)
         return {
             "image": tensor,
             "target": torch.from_numpy(np.pad(target, pad, constant_values=IGNORE_INDEX).astype(np.int64)),
+            "labels": torch.from_numpy(np.pad(self.store.labels(image_id), pad).astype(np.int64)),
             "valid": torch.from_numpy(valid),
             "image_id": image_id,
-            "cell_type": self.store.cell_type(image_id),
+            "cell_type": cell_type,
+            "type": torch.tensor(CELL_TYPES.index(cell_type)),
             "height": height,
             "width": width,
         }
@@ -351,9 +367,11 @@ class WholeImageDataset(Dataset):
         return {
             "image": torch.stack([fit(item["image"], 0.0) for item in batch]),
             "target": torch.stack([fit(item["target"], IGNORE_INDEX) for item in batch]),
+            "labels": torch.stack([fit(item["labels"], 0) for item in batch]),
             "valid": torch.stack([fit(item["valid"], False) for item in batch]),
             "image_id": [item["image_id"] for item in batch],
             "cell_type": [item["cell_type"] for item in batch],
+            "type": torch.stack([item["type"] for item in batch]),
             "height": torch.tensor([item["height"] for item in batch]),
             "width": torch.tensor([item["width"] for item in batch]),
         }

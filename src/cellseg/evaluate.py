@@ -1,7 +1,10 @@
 """Evaluation of trained models on the validation images: the competition mAP, COCO AP, pixel IoU/Dice.
 
-Every metric is given overall and per cell type. The U-Net gives no cell type, so its COCO AP is
-class-agnostic (every cell one category); the Mask R-CNN's COCO AP is per class, as COCO defines it.
+Every metric is given overall and per (true) cell type. Models see the images only: the cell types they use
+are their own predictions. COCO AP is per class, as COCO defines it, with each model's predicted classes;
+``image_type_accuracy`` is the share of images whose cell type the model names (the U-Net: its classification
+head; Mask R-CNN: the majority type of its cells), ``type_accuracy`` the share of found cells given the
+image's true type.
 """
 
 from __future__ import annotations
@@ -49,28 +52,30 @@ def evaluate_predictor(
     results: list[dict] = []
     predictions: dict[str, Instances] = {}
     typed = np.zeros(2, dtype=np.int64)  # instances given the image's own cell type, all instances
+    images_typed: dict[str, np.ndarray] = {}  # images whose type the model names, all images
     elapsed = 0.0
     for first in tqdm(range(0, len(image_ids), batch_size), desc=f"evaluate {predictor.name}", unit="batch"):
         ids = list(image_ids[first : first + batch_size])
-        types = [store.cell_type(i) for i in ids]
         began = time.perf_counter()
-        found = predictor.predict([store.image(i) for i in ids], types)
+        found = predictor.predict([store.image(i) for i in ids])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - began
-        for image_id, cell_type, instances in zip(ids, types, found):
-            truth = store.labels(image_id)
+        for image_id, instances in zip(ids, found):
+            truth, cell_type = store.labels(image_id), store.cell_type(image_id)  # the truth, for scoring only
             score.add(truth, instances.labels, group=cell_type)
             for group in ("all", cell_type):
                 pixels[group] = pixels.get(group, 0) + np.array(pixel_counts(instances.labels > 0, truth > 0))
                 counts[group] = counts.get(group, 0) + np.array([_n_instances(truth), len(instances)])
+                images_typed[group] = images_typed.get(group, 0) + np.array([instances.image_type == cell_type, 1])
             typed += (np.count_nonzero(instances.classes == CELL_TYPES.index(cell_type) + 1), len(instances))
-            results += coco_results(instances, coco_id[image_id], class_agnostic=not predictor.gives_class)
+            results += coco_results(instances, coco_id[image_id])
             predictions[image_id] = instances
-    metrics = _summarize(score, pixels, counts, coco_gt, results, predictor.gives_class)
+    metrics = _summarize(score, pixels, counts, coco_gt, results)
     metrics["images_per_s"] = len(image_ids) / elapsed if elapsed else float("nan")
-    if predictor.gives_class:
-        metrics["type_accuracy"] = typed[0] / typed[1] if typed[1] else float("nan")
+    metrics["type_accuracy"] = typed[0] / typed[1] if typed[1] else float("nan")
+    for group, (right, total) in sorted(images_typed.items(), key=lambda item: (item[0] != "all", item[0])):
+        metrics["image_type_accuracy" + ("" if group == "all" else f"/{group}")] = right / total
     groups = [None, *sorted({store.cell_type(i) for i in image_ids})]
     curves = {group or "all": score.per_threshold(group) for group in groups}
     return ModelEvaluation(predictor.name, metrics, curves, predictions)
@@ -82,7 +87,6 @@ def _summarize(
     counts: dict[str, np.ndarray],
     coco_gt: dict,
     results: list[dict],
-    gives_class: bool,
 ) -> dict[str, float]:
     competition = score.result()
     metrics: dict[str, float] = {}
@@ -94,8 +98,8 @@ def _summarize(
         gt = coco_gt if group == "all" else _coco_subset(coco_gt, group)
         keep = {image["id"] for image in gt["images"]}
         subset = [r for r in results if r["image_id"] in keep]
-        for iou_type in ("segm", "bbox") if gives_class else ("segm",):
-            ap = coco_ap(gt, subset, iou_type=iou_type, class_agnostic=not gives_class)
+        for iou_type in ("segm", "bbox"):
+            ap = coco_ap(gt, subset, iou_type=iou_type)
             for key in COCO_KEYS:
                 metrics[f"coco_{iou_type}_{key}{suffix}"] = ap[key]
     return metrics

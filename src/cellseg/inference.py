@@ -1,8 +1,9 @@
 """Inference shared by ``evaluate`` and ``cellseg predict``: a trained checkpoint → instances per image.
 
 Every model's predictions end as :class:`Instances`: a non-overlapping uint16 label image plus, per
-instance, a category id and a confidence. The U-Net gives no cell type (as in the seed): its classes are
-0 ("cell") and its confidence is the instance's mean foreground probability.
+instance, a category id (1 + the index in ``CELL_TYPES``) and a confidence, and the image's cell type.
+Nothing of the truth is used: the U-Net's classification head names the image's cell type (every cell gets
+it; its confidence is the cell's mean foreground probability), Mask R-CNN names each cell's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import MaskRCNNParams, UNetParams
 from cellseg.data import padded_input
 from cellseg.errors import DataError
-from cellseg.postprocess import watershed_instances
+from cellseg.sources import CELL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +33,41 @@ P = TypeVar("P", bound=BaseModel)
 
 @dataclass(frozen=True)
 class Instances:
-    """One image's instances: ``labels`` (uint16 H×W, instance k at label k+1), ``classes`` and ``scores`` per k."""
+    """One image's instances: ``labels`` (uint16 H×W, instance k at label k+1), ``classes`` and ``scores`` per k,
+    and ``image_class``, the category the model gives the whole image (:data:`UNKNOWN_CLASS` if none)."""
 
     labels: np.ndarray
     classes: np.ndarray
     scores: np.ndarray
+    image_class: int = UNKNOWN_CLASS
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @property
+    def image_type(self) -> str | None:
+        """The cell type the model gives the image, or None."""
+        return CELL_TYPES[self.image_class - 1] if self.image_class else None
+
+
+def majority_class(classes: np.ndarray) -> int:
+    """The most frequent category of an image's cells (ties: the lowest id), or :data:`UNKNOWN_CLASS` if none."""
+    return int(np.bincount(classes).argmax()) if len(classes) else UNKNOWN_CLASS
 
 
 class Predictor(Protocol):
     """A trained model ready to segment whole grey images."""
 
     name: str
-    gives_class: bool
 
-    def predict(self, images: Sequence[np.ndarray], cell_types: Sequence[str | None]) -> list[Instances]:
-        """Instances of each uint8 H×W image (``cell_types`` may be None where unknown)."""
+    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        """Instances of each uint8 H×W image."""
 
 
 class UNetPredictor:
-    """U-Net probabilities → marker-controlled watershed instances."""
+    """U-Net probabilities → marker-controlled watershed instances, all of the image's predicted cell type."""
 
     name = "unet"
-    gives_class = False
 
     def __init__(self, model: torch.nn.Module, params: UNetParams, device: torch.device) -> None:
         self.model = model.to(device).eval()
@@ -64,31 +75,31 @@ class UNetPredictor:
         self.device = device
 
     @torch.inference_mode()
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """(3, H, W) class probabilities of one whole image (padded to a multiple of 32 for the network)."""
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(3, H, W) class probabilities of one whole image (padded to a multiple of 32 for the network) and
+        its cell-type probabilities (one per ``CELL_TYPES``)."""
         height, width = image.shape
         tensor, _ = padded_input(image, self.params.mean, self.params.std, self.params.channels)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            logits = self.model(tensor.unsqueeze(0).to(self.device))
-        return logits.float().softmax(dim=1)[0, :, :height, :width].cpu().numpy()
+            logits, type_logits = self.model(tensor.unsqueeze(0).to(self.device))
+        probs = logits.float().softmax(dim=1)[0, :, :height, :width].cpu().numpy()
+        return probs, type_logits.float().softmax(dim=1)[0].cpu().numpy()
 
-    def predict(self, images: Sequence[np.ndarray], cell_types: Sequence[str | None]) -> list[Instances]:
+    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        from cellseg.models.unet import unet_instances
+
         results = []
-        for image, cell_type in zip(images, cell_types):
-            probs = self.probabilities(image)
-            sizes = self.params.min_size  # an unknown cell type gets the smallest of them
-            labels = watershed_instances(
-                probs,
-                min_size=sizes.get(cell_type, min(sizes.values())),
-                marker_threshold=self.params.marker_threshold,
-                mask_threshold=self.params.mask_threshold,
-            )
+        for image in images:
+            probs, type_probs = self.probabilities(image)
+            type_index = int(type_probs.argmax())
+            labels = unet_instances(probs, CELL_TYPES[type_index], self.params)
             n = int(labels.max())
             foreground = probs[1] + probs[2]
             sums = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=n + 1)[1:]
             sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
             scores = sums / np.maximum(sizes, 1)
-            results.append(Instances(labels, np.full(n, UNKNOWN_CLASS, dtype=np.int64), scores.astype(np.float32)))
+            classes = np.full(n, type_index + 1, dtype=np.int64)
+            results.append(Instances(labels, classes, scores.astype(np.float32), image_class=type_index + 1))
         return results
 
 
@@ -121,7 +132,10 @@ def load_predictor(
         from cellseg.models.unet import build_unet
 
         params = _stored_params(UNetParams, state["model_params"], checkpoint)
-        model = build_unet(encoder=params.encoder, weights="none", in_channels=params.channels, classes=3)
+        model = build_unet(
+            encoder=params.encoder, weights="none", in_channels=params.channels, classes=3,
+            decoder_channels=params.decoder_channels,
+        )
         _load_weights(model, state["model_state"], checkpoint, name)
         return UNetPredictor(model, params, device)
     from cellseg.models.maskrcnn import MaskRCNNPredictor, build_maskrcnn
@@ -152,7 +166,7 @@ def _load_weights(model: torch.nn.Module, state_dict: dict, checkpoint: str | Pa
         raise DataError(f"{checkpoint}: its weights do not fit the {name} model its params describe ({reason})") from None
 
 
-def coco_results(instances: Instances, image_id: int, class_agnostic: bool, chunk: int = 64) -> list[dict]:
+def coco_results(instances: Instances, image_id: int, class_agnostic: bool = False, chunk: int = 64) -> list[dict]:
     """COCO result dicts (compressed RLE segmentation, bbox, category, score) for one image's instances.
 
     Masks are encoded ``chunk`` instances at a time, bounding memory to ``chunk`` full-size masks.

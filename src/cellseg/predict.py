@@ -2,7 +2,8 @@
 
 Writes, in one directory (created atomically; an existing non-empty one is only replaced with
 ``overwrite``): ``labels/<stem>.png`` (uint16 instance labels), ``predictions.json`` (COCO results with
-class and score per instance, plus the image list) and ``submission.csv`` in the Kaggle format (``id,predicted``:
+the predicted class and score per instance, plus the image list with each image's predicted cell type) and
+``submission.csv`` in the Kaggle format (``id,predicted``:
 one row per instance, competition RLE, masks non-overlapping; an image with no instance gets one row with
 an empty prediction).
 """
@@ -70,7 +71,6 @@ def predict_images(
     overwrite: bool = False,
     batch_size: int = 4,
     device: torch.device,
-    cell_type: str | None = None,
 ) -> dict[str, int]:
     """Segment every input image and write the outputs described in the module docstring."""
     out = Path(out)
@@ -85,12 +85,12 @@ def predict_images(
             batch = paths[first : first + batch_size]
             images = [read_gray(p) for p in batch]
             for number, path, image, found in zip(
-                range(first + 1, first + len(batch) + 1), batch, images, predictor.predict(images, [cell_type] * len(batch))
+                range(first + 1, first + len(batch) + 1), batch, images, predictor.predict(images)
             ):
                 write_png(tmp / "labels" / f"{path.stem}.png", found.labels)
                 images_meta.append({"id": number, "file_name": str(path), "image_key": path.stem,
-                                    "height": image.shape[0], "width": image.shape[1]})
-                results += coco_results(found, number, class_agnostic=not predictor.gives_class)
+                                    "height": image.shape[0], "width": image.shape[1], "cell_type": found.image_type})
+                results += coco_results(found, number)
                 rows += submission_rows(path.stem, found.labels)
         write_json(tmp / "predictions.json", {"model": predictor.name, "images": images_meta, "annotations": results})
         pd.DataFrame(rows, columns=["id", "predicted"]).to_csv(tmp / "submission.csv", index=False)

@@ -22,6 +22,7 @@ COLUMNS = (
     ("coco_segm_AP", "COCO mask AP"),
     ("iou", "pixel IoU"),
     ("dice", "Dice"),
+    ("image_type_accuracy", "cell type right (images)"),
 )
 
 
@@ -117,23 +118,27 @@ def write_report(
         "",
         f"Validation split: {len(image_ids)} whole images. mAP is the competition metric (mean over IoU thresholds "
         "0.50:0.95 of TP/(TP+FP+FN), averaged over images); COCO mask AP comes from pycocotools (up to 1000 "
-        "detections per image; class-agnostic for the U-Net, which gives no cell type); IoU and Dice are of the "
-        "foreground pixels.",
+        "detections per image, per class with each model's predicted classes); IoU and Dice are of the "
+        "foreground pixels. The models see the images only: every cell type they use (per-type post-processing "
+        "included) is their own prediction.",
         "",
         comparison_table(evaluations, groups),
         "",
         "## What each is good at",
         "",
         *strengths(evaluations, groups),
-        "- The U-Net labels pixels (background / interior / boundary) and splits touching cells by watershed: it "
-        "gives no cell type and its confidence is the mean foreground probability of each cell.",
+        "- The U-Net labels pixels (background / interior / boundary) and splits touching cells by watershed; a "
+        "classification head on its encoder names the image's cell type, which every cell gets; a cell's "
+        "confidence is its mean foreground probability.",
         "- Mask R-CNN detects each cell with its own mask, cell type and confidence (shown on the overlays); "
         "overlapping masks are resolved in favour of the more confident cell.",
     ]
     for e in evaluations:
         line = f"- {DISPLAY.get(e.name, e.name)}: inference at {e.metrics['images_per_s']:.1f} images/s on this machine"
+        if e.metrics.get("image_type_accuracy") is not None:
+            line += f"; it names the cell type of {100 * e.metrics['image_type_accuracy']:.1f}% of the images"
         if e.metrics.get("type_accuracy", float("nan")) == e.metrics.get("type_accuracy"):  # present and not NaN
-            line += f"; it names the image's cell type for {100 * e.metrics['type_accuracy']:.1f}% of the cells it finds"
+            line += f" and of {100 * e.metrics['type_accuracy']:.1f}% of the cells it finds"
         lines.append(line + ".")
     lines += ["", "## Plots", ""]
     for caption, plot in plots.items():

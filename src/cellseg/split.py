@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from cellseg.errors import DataError
 
+log = logging.getLogger(__name__)
+
+
+def sample_groups(images: pd.DataFrame) -> pd.Series:
+    """Each image's group: its ``sample_id``, or, where that is blank, the image alone (with one warning)."""
+    sample_id = images["sample_id"].fillna("").astype(str)
+    blank = sample_id.str.strip() == ""
+    if blank.any():
+        log.warning(
+            "split: %d of %d image(s) have no sample_id: each is its own group (images of one well may then "
+            "fall on both sides of the split)", int(blank.sum()), len(images),
+        )
+    return sample_id.where(~blank, "image:" + images["image_id"].astype(str)).rename("group")
+
 
 def assign_folds(images: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
-    """Return each image's fold (indexed like ``images``); images of one ``sample_id`` share a fold.
+    """Return each image's fold (indexed like ``images``); images of one ``sample_id`` share a fold (an image
+    without one is a group of its own, :func:`sample_groups`).
 
     Per cell type, that type's samples are shuffled (``seed``), then taken largest first and each given to
     the fold holding the fewest images of that type so far: every fold gets a near-equal share of every
     type (each type with at least ``n_folds`` samples appears in every fold).
     """
-    n_groups = images["sample_id"].nunique()
+    groups = sample_groups(images)
+    n_groups = groups.nunique()
     if n_groups < n_folds:
         raise DataError(
             f"split: {n_groups} distinct sample_id(s) cannot fill {n_folds} folds without a sample straddling "
             "train and validation; lower split.n_folds or use more images"
         )
     rng = np.random.default_rng(seed)
-    samples = images.groupby("sample_id", sort=True).agg(cell_type=("cell_type", "first"), size=("image_id", "size"))
+    grouped = images.assign(group=groups).groupby("group", sort=True)
+    samples = grouped.agg(cell_type=("cell_type", "first"), size=("image_id", "size"))
     fold_of_sample: dict[str, int] = {}
     totals = np.zeros(n_folds, dtype=np.int64)
     for _, group in samples.groupby("cell_type", sort=True):
@@ -33,7 +52,7 @@ def assign_folds(images: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
             fold_of_sample[sample_id] = fold
             per_type[fold] += size
             totals[fold] += size
-    return images["sample_id"].map(fold_of_sample).astype(np.int64).rename("fold")
+    return groups.map(fold_of_sample).astype(np.int64).rename("fold")
 
 
 def make_split(images: pd.DataFrame, n_folds: int, fold: int, seed: int) -> dict:

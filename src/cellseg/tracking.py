@@ -37,7 +37,9 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -89,6 +91,50 @@ def git_commit(repo_dir: str | Path = ".") -> str | None:
 def dvc_experiment_name() -> str | None:
     """The DVC experiment name: ``dvc exp run`` (DVC 3) sets ``DVC_EXP_NAME`` for its stages."""
     return os.environ.get("DVC_EXP_NAME") or None
+
+
+def run_name(model: str, data_source: str, experiment: str | None = None) -> str:
+    """A run's name in ``mlflow ui``: the model, the data source and the DVC experiment (when there is one),
+    e.g. ``unet · kaggle · exp-3f1a2``, so that runs on real and on synthetic images are told apart."""
+    return " · ".join(part for part in (model, data_source, experiment) if part)
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """A data set a run trained or validated on, as MLflow's Dataset column shows it (``mlflow.log_input``).
+
+    ``digest`` is DVC's hash of the data the stage read (:func:`content_digest`); ``source`` where it came from.
+    """
+
+    name: str
+    source: str
+    digest: str
+    context: str = "training"
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def dataset_input(
+    source: str, root: str | Path, path: str | Path, context: str = "training", limit_images: int | None = None
+) -> DatasetInput:
+    """The :class:`DatasetInput` of the data at ``path`` (a stage's input), made from data source ``source``
+    at ``root``: named ``<source>:<root's name>`` (plus ``[N images]`` for a subset), with DVC's hash of ``path``."""
+    name = f"{source}:{Path(root).resolve().name}" + (f"[{limit_images} images]" if limit_images else "")
+    tags = {"data.source": source, "data.root": str(root), "file": str(path)}
+    return DatasetInput(name, str(Path(root).resolve()), content_digest(path), context, tags)
+
+
+def content_digest(path: str | Path) -> str:
+    """DVC's md5 of a file or a directory, as ``dvc.lock`` records it (``<md5>.dir`` for a directory)."""
+    import tempfile
+
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(HashFileDB(fs, scratch), str(Path(path).resolve()), fs, "md5", dry_run=True)
+    return obj.hash_info.value
 
 
 def project_dir() -> Path:
@@ -168,8 +214,10 @@ class Tracker:
         params: Mapping[str, ParamValue],
         tags: Mapping[str, str | None] | None = None,
         run_id: str | None = None,
+        inputs: Sequence[DatasetInput] = (),
     ) -> None:
-        """Start a run (or resume run ``run_id``), log ``params`` and ``tags`` (None values dropped)."""
+        """Start a run (or resume run ``run_id``), log ``params``, ``tags`` (None values dropped) and the
+        data sets it reads (``inputs``)."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log metrics at ``step``; names may contain "/"."""
@@ -220,6 +268,7 @@ class MlflowTracker(Tracker):
         params: Mapping[str, ParamValue],
         tags: Mapping[str, str | None] | None = None,
         run_id: str | None = None,
+        inputs: Sequence[DatasetInput] = (),
     ) -> None:
         import mlflow
 
@@ -240,6 +289,8 @@ class MlflowTracker(Tracker):
         self._run_id = run.info.run_id
         if params:
             mlflow.log_params(dict(params))
+        for dataset in inputs:
+            mlflow.log_input(_meta_dataset(dataset), context=dataset.context, tags=dict(dataset.tags) or None)
 
     def _check_resumable(self, run_id: str, params: Mapping[str, ParamValue]) -> None:
         """Raise unless run ``run_id`` exists and its logged params agree with ``params``."""
@@ -297,6 +348,17 @@ class MlflowTracker(Tracker):
         return info.model_uri
 
 
+def _meta_dataset(dataset: DatasetInput):  # -> mlflow.data.meta_dataset.MetaDataset
+    """MLflow's form of a :class:`DatasetInput`: its name, digest and (local or remote) source."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path matches two registered source kinds: the same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(dataset.source)
+    return MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
+
+
 def open_tracker(
     enabled: bool = True,
     uri: str | None = None,
@@ -349,11 +411,21 @@ def _artifacts(experiment: str) -> str | None:
     return (root / "mlruns" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment)).as_uri()
 
 
-def run_record(params: Mapping[str, Any], model: str, repo_dir: str | Path = ".") -> dict[str, dict]:
-    """The ``run_params`` and ``run_tags`` of a training run: all params flattened (except the run-control
-    ``resume`` flags, so that a resumed run keeps its params), the model, git commit and DVC experiment name."""
+def run_record(
+    params: Mapping[str, Any], model: str, inputs: Sequence[DatasetInput] = (), repo_dir: str | Path = "."
+) -> dict[str, Any]:
+    """The ``run_params``, ``run_tags`` and ``run_inputs`` of a training run: all params flattened (except the
+    run-control ``resume`` flags, so that a resumed run keeps its params), the model, git commit, data source
+    and DVC experiment name, and the data sets it reads."""
     flat = flatten_params(params)
+    tags = {
+        "model": model,
+        "git_commit": git_commit(repo_dir),
+        "dvc_experiment": dvc_experiment_name(),
+        "data_source": str(flat.get("data.source", "")) or None,
+    }
     return {
         "run_params": {k: v for k, v in flat.items() if not k.endswith(".resume")},
-        "run_tags": {"model": model, "git_commit": git_commit(repo_dir), "dvc_experiment": dvc_experiment_name()},
+        "run_tags": tags,
+        "run_inputs": list(inputs),
     }

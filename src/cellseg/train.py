@@ -1,10 +1,11 @@
 """The one training loop, shared by every model family.
 
 A model family plugs in through a :class:`Task` (how to compute its losses on a batch and how to validate);
-the loop does the rest: device choice, AMP and channels_last on CUDA, AdamW with linear warm-up and cosine
-decay, gradient clipping, per-epoch metrics (CSV for ``dvc plots``, MLflow through :mod:`cellseg.tracking`),
-``last.pt`` every epoch, ``best.pt`` by the validation metric, and resume from ``last.pt``. Launched by
-``torchrun``, it trains with Distributed Data Parallel (see :mod:`cellseg.distributed` and :func:`fit`).
+the loop does the rest: device choice, mixed precision (float16 with loss scaling on CUDA, bfloat16 on a CPU
+that computes it natively) and channels_last, AdamW with linear warm-up and cosine decay, gradient clipping,
+per-epoch metrics (CSV for ``dvc plots``, MLflow through :mod:`cellseg.tracking`), ``last.pt`` every epoch,
+``best.pt`` by the validation metric, and resume from ``last.pt``. Launched by ``torchrun``, it trains with
+Distributed Data Parallel (see :mod:`cellseg.distributed` and :func:`fit`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +31,7 @@ from cellseg.config import TrainParams
 from cellseg.errors import DataError, TrainingError
 from cellseg.io import atomic_path, write_json
 from cellseg.plots import training_curves
-from cellseg.tracking import Tracker
+from cellseg.tracking import DatasetInput, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ class Task(Protocol):
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU; otherwise the named torch device."""
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def mixed_precision(device: torch.device, requested: bool) -> bool:
+    """Whether to train in mixed precision: as ``requested`` (``train.<model>.amp``) on CUDA; on the CPU only
+    where it computes bfloat16 natively (AVX-512 BF16 or AMX: about 1.5× faster for the U-Net there); on
+    other CPUs bfloat16 is emulated, 8× slower than float32 (measured on an AVX2 EPYC), so it stays off."""
+    if not requested or device.type == "cuda":
+        return requested
+    native = device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    if not native:
+        log.info("amp: this %s has no native bfloat16: training in float32", device.type)
+    return native
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """Mixed precision for ``device``: float16 on CUDA (with a loss scaler), bfloat16 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=enabled)
 
 
 def seed_everything(seed: int) -> None:
@@ -135,6 +153,7 @@ def fit(
     model_params: Mapping[str, Any] | None = None,
     run_params: Mapping[str, Any] | None = None,
     run_tags: Mapping[str, str | None] | None = None,
+    run_inputs: Sequence[DatasetInput] = (),
     collate_fn: Callable | None = None,
     val_collate_fn: Callable | None = None,
     val_batch_size: int = 1,
@@ -142,8 +161,8 @@ def fit(
     """Train ``model`` for ``config.epochs`` epochs; return the per-epoch history.
 
     ``out_dir`` receives ``last.pt`` and ``best.pt``; ``metrics_file`` the per-epoch CSV; ``tracker`` (an
-    open :class:`~cellseg.tracking.Tracker`) a run with ``run_params``, ``run_tags`` and every epoch's metrics. With
-    ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
+    open :class:`~cellseg.tracking.Tracker`) a run with ``run_params``, ``run_tags``, ``run_inputs`` (the data
+    sets) and every epoch's metrics. With ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
     scaler, epoch, history, RNG, MLflow run). A ``train_set`` with a ``set_epoch(seed)`` method (an
     :class:`~cellseg.data.AugmentedDataset`) is reseeded before each epoch, so that its augmentations too are
     the same whether resumed or not.
@@ -161,7 +180,7 @@ def fit(
     with distributed.session(pick_device(config.device)) as device:
         cuda = device.type == "cuda"
         model.to(device)
-        if config.channels_last and cuda:
+        if config.channels_last:
             model.to(memory_format=torch.channels_last)
         loader = _train_loader(train_set, config, collate_fn, cuda)
         val_loader = DataLoader(
@@ -173,7 +192,8 @@ def fit(
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
         )
-        scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+        amp = mixed_precision(device, config.amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda)
         history: list[dict[str, float]] = []
         best = -math.inf
         start_epoch = 0
@@ -187,14 +207,14 @@ def fit(
             log.info("resume requested but %s does not exist: starting from scratch", last_path)
         # `trained` trains; `model` (the same weights) validates and is saved.
         trained = distributed.wrap(model, device, getattr(task, "find_unused_parameters", False))
-        tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id)
+        tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id, inputs=run_inputs)
         epoch_log = EpochLog(metrics_file)
         for epoch in range(start_epoch, config.epochs):
             loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order resumed or not, on every rank
             if hasattr(train_set, "set_epoch"):  # and the same augmentations (workers: 0)
                 train_set.set_epoch(config.seed * 1000 + epoch)
             began = time.perf_counter()
-            train_stats, seen = _train_epoch(trained, task, loader, optimizer, scheduler, scaler, config, device, epoch)
+            train_stats, seen = _train_epoch(trained, task, loader, optimizer, scheduler, scaler, config, device, epoch, amp)
             train_time = time.perf_counter() - began
             val_stats = task.validate(model, val_loader, device) if main else {}
             row = distributed.broadcast({  # rank 0's: the others did not validate
@@ -203,6 +223,7 @@ def fit(
                 **{f"val/{k}": v for k, v in val_stats.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "train/samples_per_s": seen / train_time,
+                "train_time_s": train_time,
                 "epoch_time_s": time.perf_counter() - began,
                 **({"gpu_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}),
             })
@@ -294,6 +315,7 @@ def _train_epoch(
     config: TrainParams,
     device: torch.device,
     epoch: int,
+    amp: bool,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns the sample-weighted mean of each statistic and the samples seen, over
     all ranks."""
@@ -305,7 +327,7 @@ def _train_epoch(
         disable=not distributed.is_main(),
     )
     for batch in progress:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+        with autocast(device, amp):
             stats = task.train_step(model, batch, device)
         loss = stats["loss"]
         if not torch.isfinite(loss):
@@ -346,6 +368,7 @@ def train_tracked(
     model_params: Mapping[str, Any],
     run_params: Mapping[str, Any],
     run_tags: Mapping[str, str | None],
+    run_inputs: Sequence[DatasetInput] = (),
     **loader_options: Any,
 ) -> dict[str, Any]:
     """:func:`fit`, then the run's records: curves PNG, ``train.json`` summary, MLflow artifacts and best model.
@@ -356,7 +379,8 @@ def train_tracked(
     with tracker:
         history = fit(
             model, task, train_set, val_set, config, model_dir, metrics_dir / "epochs.csv", tracker,
-            model_params=model_params, run_params=run_params, run_tags=run_tags, **loader_options,
+            model_params=model_params, run_params=run_params, run_tags=run_tags, run_inputs=run_inputs,
+            **loader_options,
         )
         if not distributed.is_main():
             return {}

@@ -28,8 +28,10 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `helpers` importable
 
+from cellseg.config import UNetParams
 from cellseg.data import PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask
+from cellseg.sources import CELL_TYPES
 from cellseg.tracking import open_tracker
 from cellseg.train import train_tracked
 from helpers.fit_job import config, datasets
@@ -39,16 +41,20 @@ SAMPLES_PER_EPOCH = 8  # over all processes
 
 
 class PlainNet(nn.Module):
-    """Two convolutions, no BatchNorm or dropout: its gradient over a batch is the mean of per-sample
-    gradients, so that 2 processes × batch b train exactly as 1 process × batch 2b."""
+    """Two convolutions and a linear cell-type head on their pooled features, no BatchNorm or dropout: its
+    gradient over a batch is the mean of per-sample gradients, so that 2 processes × batch b train exactly as
+    1 process × batch 2b."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 3, 3, padding=1)
+        self.type_head = nn.Linear(8, len(CELL_TYPES))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.head(features), self.type_head(features.mean(dim=(2, 3)))
 
 
 class Indexed(Dataset):
@@ -76,7 +82,7 @@ class RecordingTask(UNetTask):
     find_unused_parameters = False  # PlainNet uses all its parameters: DDP's default, as for Mask R-CNN
 
     def __init__(self, crash_at: int | None = None) -> None:
-        super().__init__("ce")
+        super().__init__(UNetParams(loss="ce"))
         self.crash_at, self.validations = crash_at, 0
         self.batches: list[list[int]] = []
         self.trained: set[str] = set()

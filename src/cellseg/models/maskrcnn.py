@@ -32,7 +32,7 @@ from cellseg.checkpoint import read_weights
 from cellseg.data import AugmentedDataset
 from cellseg.decode import instance_pixels, paint_order, read_source_image
 from cellseg.errors import DataError, ParamsError, ResourceError
-from cellseg.inference import Instances
+from cellseg.inference import Instances, majority_class
 from cellseg.metrics import CompetitionScore
 from cellseg.postprocess import remove_overlaps
 from cellseg.sources import CELL_TYPES, SourceData
@@ -270,7 +270,8 @@ def predict_instances(
     lut = np.zeros(len(kept) + 1, dtype=np.uint16)
     lut[big + 1] = np.arange(1, len(big) + 1)
     kept = kept[big]
-    return Instances(labels=lut[labels], classes=classes[kept].astype(np.int64), scores=scores[kept].astype(np.float32))
+    classes = classes[kept].astype(np.int64)
+    return Instances(lut[labels], classes, scores[kept].astype(np.float32), image_class=majority_class(classes))
 
 
 def target_labels(target: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -356,15 +357,14 @@ class MaskRCNNPredictor:
     """A trained Mask R-CNN as a :class:`cellseg.inference.Predictor`: whole images → classed instances."""
 
     name = "maskrcnn"
-    gives_class = True
 
     def __init__(self, model: nn.Module, params: MaskRCNNParams, device: torch.device) -> None:
         self.model = model.to(device).eval()
         self.params = params
         self.device = device
 
-    def predict(self, images: Sequence[np.ndarray], cell_types: Sequence[str | None]) -> list[Instances]:
-        """Instances of each uint8 H×W image; ``cell_types`` is unused (the model predicts each cell's type)."""
+    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        """Instances of each uint8 H×W image, each cell with its predicted type."""
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
             outputs = self.model([image_tensor(image).to(self.device) for image in images])

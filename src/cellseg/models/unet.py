@@ -1,4 +1,8 @@
-"""The U-Net: build it (random, ImageNet or local-file encoder weights) and predict class probabilities.
+"""The U-Net: build it (random, ImageNet or local-file encoder weights), train it, turn its outputs into cells.
+
+The network has two outputs: per-pixel class logits (background, interior, boundary) and, from a
+classification head on the encoder's deepest features (smp's ``aux_params``), the image's cell type, so that
+inference never needs the true type (the per-type minimum sizes use the predicted one).
 
 ``weights`` (``unet.encoder_weights``): ``"none"`` → random init; ``"imagenet"`` → smp's own download;
 any other string → a local ``torch.save`` file holding an encoder state dict (keys of ``model.encoder``,
@@ -8,7 +12,7 @@ dict, or a dict with a ``"state_dict"`` / ``"model"`` entry holding one of those
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,52 +20,73 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from cellseg.data import IGNORE_INDEX
 from cellseg.checkpoint import read_weights
+from cellseg.config import UNetParams
+from cellseg.data import IGNORE_INDEX
 from cellseg.errors import ParamsError, ResourceError
-from cellseg.metrics import iou_dice
+from cellseg.metrics import CompetitionScore, iou_dice
+from cellseg.postprocess import watershed_instances
+from cellseg.sources import CELL_TYPES
 
 PARAM = "unet.encoder_weights"
 BN_MOMENTUM = 0.1
+TYPE_HEAD_DROPOUT = 0.2
+DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's default
 
 
 def build_unet(
-    *, encoder: str = "efficientnet-b0", weights: str = "none", in_channels: int = 3, classes: int = 3
+    *,
+    encoder: str = "efficientnet-b0",
+    weights: str = "none",
+    in_channels: int = 3,
+    classes: int = 3,
+    decoder_channels: Sequence[int] = DECODER_CHANNELS,
 ) -> torch.nn.Module:
-    """A ``smp.Unet`` with the given encoder weights (see the module docstring)."""
+    """A ``smp.Unet`` with the given encoder weights (see the module docstring) and a cell-type head.
+
+    Called on a batch it returns ``(class logits N×classes×H×W, cell-type logits N×len(CELL_TYPES))``.
+    """
     if weights == "none":
-        return _smp_unet(encoder, None, in_channels, classes)
+        return _smp_unet(encoder, None, in_channels, classes, decoder_channels)
     if weights == "imagenet":
         try:
-            return _smp_unet(encoder, "imagenet", in_channels, classes)
+            return _smp_unet(encoder, "imagenet", in_channels, classes, decoder_channels)
         except OSError as exc:  # hub/URL download failures: HfHubHTTPError, LocalEntryNotFoundError, URLError
             raise ResourceError(
                 f"ImageNet weights for encoder {encoder!r} could not be downloaded ({type(exc).__name__}); "
                 f"check the network, or set {PARAM}: none (random init) or the path of a local weights file"
             ) from exc
-    return _load_local(encoder, Path(weights), in_channels, classes)
+    return _load_local(encoder, Path(weights), in_channels, classes, decoder_channels)
 
 
-def unet_predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Softmax class probabilities (N, classes, H, W), in eval mode and inference mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return model(images).softmax(dim=1)
-    finally:
-        model.train(was_training)
+def unet_instances(probs: np.ndarray, cell_type: str, params: UNetParams) -> np.ndarray:
+    """The uint16 label image of one image's (3, H, W) class probabilities: the watershed of
+    :func:`~cellseg.postprocess.watershed_instances` with the thresholds of ``params`` and the minimum size of
+    ``cell_type`` (the predicted one: never the truth)."""
+    return watershed_instances(
+        probs,
+        cell_type=cell_type,
+        min_size=params.min_size,
+        marker_threshold=params.marker_threshold,
+        mask_threshold=params.mask_threshold,
+    )
 
 
-def _smp_unet(encoder: str, weights: str | None, in_channels: int, classes: int) -> torch.nn.Module:
+def _smp_unet(
+    encoder: str, weights: str | None, in_channels: int, classes: int, decoder_channels: Sequence[int]
+) -> torch.nn.Module:
     """``smp.Unet`` with PyTorch's BatchNorm momentum; an unknown encoder or weights name raises :class:`ParamsError`.
 
     The EfficientNet encoders carry TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): their running
     statistics need thousands of steps to leave their initial values, so a short training validates (in eval
     mode) far worse than it trains. PyTorch's default 0.1 is used instead.
     """
+    head = {"classes": len(CELL_TYPES), "dropout": TYPE_HEAD_DROPOUT}
     try:
-        model = smp.Unet(encoder, encoder_weights=weights, in_channels=in_channels, classes=classes)
+        model = smp.Unet(
+            encoder, encoder_weights=weights, in_channels=in_channels, classes=classes,
+            decoder_channels=tuple(decoder_channels), aux_params=head,
+        )
     except KeyError as exc:
         detail = str(exc)[:200]
         raise ParamsError(f"unet.encoder: {encoder!r} with weights {weights!r} is not available: {detail}") from exc
@@ -71,15 +96,17 @@ def _smp_unet(encoder: str, weights: str | None, in_channels: int, classes: int)
     return model
 
 
-def _load_local(encoder: str, path: Path, in_channels: int, classes: int) -> torch.nn.Module:
+def _load_local(
+    encoder: str, path: Path, in_channels: int, classes: int, decoder_channels: Sequence[int]
+) -> torch.nn.Module:
     """A U-Net initialised from a local encoder or full-model state dict."""
     state = read_weights(path, PARAM, "'none', 'imagenet'")
-    model = _smp_unet(encoder, None, in_channels, classes)
+    model = _smp_unet(encoder, None, in_channels, classes, decoder_channels)
     if set(state) == set(model.state_dict()):
         _load_strict(model, state, path)
     elif set(state) == set(model.encoder.state_dict()):
         if not _shapes_fit(model.encoder, state):  # e.g. a 3-channel backbone for a 1-channel model
-            model = _smp_unet(encoder, None, 3, classes)
+            model = _smp_unet(encoder, None, 3, classes, decoder_channels)
             _load_strict(model.encoder, state, path)
             model.encoder.set_in_channels(in_channels, pretrained=True)
         else:
@@ -113,68 +140,87 @@ def _key_diff(model: torch.nn.Module, state: Mapping[str, torch.Tensor], shown: 
 
 
 class UNetTask:
-    """How the shared trainer trains and validates the U-Net (classes: background, interior, boundary)."""
+    """How the shared trainer trains and validates the U-Net (classes: background, interior, boundary; plus the
+    image's cell type from the classification head)."""
 
     name = "unet"
-    monitor = "dice"
+    monitor = "map"
     # smp's EfficientNet encoders keep their classifier's last convolution and BatchNorm (encoder._conv_head,
     # encoder._bn1), which the U-Net never uses: DistributedDataParallel must look for unused parameters, or
     # it fails at the second step.
     find_unused_parameters = True
 
-    def __init__(self, loss: str = "ce_dice", channels_last: bool = False) -> None:
-        if loss not in LOSSES:
-            raise ParamsError(f"unet.loss: {loss!r} is not one of {', '.join(LOSSES)}")
-        self.loss = loss
+    def __init__(self, params: UNetParams, channels_last: bool = False) -> None:
+        self.params = params
         self.channels_last = channels_last
         self.dice_loss = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
 
-    def _forward(self, model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        channels_last = self.channels_last and device.type == "cuda"
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    def _forward(
+        self, model: torch.nn.Module, batch: dict, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class logits, cell-type logits, and the batch's pixel targets and cell types, on ``device``."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        return model(images), batch["target"].to(device, non_blocking=True)
+        logits, type_logits = model(images)
+        return logits, type_logits, batch["target"].to(device, non_blocking=True), batch["type"].to(device)
 
-    def _losses(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, logits: torch.Tensor, type_logits: torch.Tensor, target: torch.Tensor, types: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
-        if self.loss == "ce":
-            return {"loss": ce}
-        dice = self.dice_loss(logits.float(), target)
-        return {"loss": ce + dice, "ce": ce, "dice_loss": dice}
+        type_ce = F.cross_entropy(type_logits.float(), types)
+        pixels = {"ce": ce}
+        if self.params.loss == "ce_dice":
+            pixels["dice_loss"] = self.dice_loss(logits.float(), target)
+        loss = sum(pixels.values()) + self.params.type_loss_weight * type_ce
+        return {"loss": loss, **pixels, "type_ce": type_ce}
 
     def train_step(self, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        """Loss of one batch plus the batch's foreground IoU and Dice (the seed's training curves)."""
-        logits, target = self._forward(model, batch, device)
-        stats = self._losses(logits, target)
+        """Loss of one batch plus the batch's foreground IoU and Dice (the seed's training curves) and the share
+        of windows whose cell type the head names."""
+        logits, type_logits, target, types = self._forward(model, batch, device)
+        stats = self._losses(logits, type_logits, target, types)
         with torch.no_grad():
             inter, pred, true = _foreground_counts(logits, target)
             iou, dice = iou_dice(inter, pred, true)
-        return {**stats, "iou": torch.tensor(iou), "dice": torch.tensor(dice)}
+            type_accuracy = (type_logits.argmax(dim=1) == types).float().mean()
+        return {**stats, "iou": torch.tensor(iou), "dice": torch.tensor(dice), "type_accuracy": type_accuracy}
 
     def validate(self, model: torch.nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
-        """Loss and foreground pixel IoU/Dice over whole validation images, overall and per cell type."""
+        """Over whole validation images, overall and per (true) cell type: loss, foreground pixel IoU/Dice, the
+        competition mAP of the watershed instances (post-processed with the predicted cell type) and the
+        share of images whose cell type the head names (``type_accuracy``)."""
         model.eval()
         counts: dict[str, np.ndarray] = {}
+        typed: dict[str, np.ndarray] = {}
+        score = CompetitionScore()
         loss_sum, n_images = 0.0, 0
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             for batch in loader:
-                logits, target = self._forward(model, batch, device)
-                loss_sum += float(self._losses(logits, target)["loss"]) * len(target)
+                logits, type_logits, target, types = self._forward(model, batch, device)
+                loss_sum += float(self._losses(logits, type_logits, target, types)["loss"]) * len(target)
                 n_images += len(target)
+                probs = logits.float().softmax(dim=1).cpu().numpy()
+                predicted = type_logits.argmax(dim=1).cpu().numpy()
                 for k, cell_type in enumerate(batch["cell_type"]):
+                    height, width = int(batch["height"][k]), int(batch["width"][k])
                     found = np.array(_foreground_counts(logits[k : k + 1], target[k : k + 1]), dtype=np.int64)
+                    right = np.array([predicted[k] == int(types[k]), 1], dtype=np.int64)
                     for group in ("all", cell_type):
                         counts[group] = counts.get(group, 0) + found
+                        typed[group] = typed.get(group, 0) + right
+                    labels = unet_instances(probs[k, :, :height, :width], CELL_TYPES[predicted[k]], self.params)
+                    score.add(batch["labels"][k, :height, :width].numpy(), labels, group=cell_type)
         model.train()
         metrics = {"loss": loss_sum / max(n_images, 1)}
+        competition = score.result()
         for group, (inter, pred, true) in sorted(counts.items()):
             iou, dice = iou_dice(int(inter), int(pred), int(true))
             suffix = "" if group == "all" else f"/{group}"
             metrics[f"iou{suffix}"], metrics[f"dice{suffix}"] = iou, dice
+            metrics[f"map{suffix}"] = float(competition[f"score{suffix}"])
+            metrics[f"type_accuracy{suffix}"] = float(typed[group][0] / typed[group][1])
         return metrics
-
-
-LOSSES = ("ce", "ce_dice")
 
 
 def _foreground_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:

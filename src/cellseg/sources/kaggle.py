@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "sample_id",
     "elapsed_timedelta",
 )
+METADATA_COLUMNS: tuple[str, ...] = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _FIRST_DATA_LINE = 2  # line 1 is the header
 _MAX_SIDE = 2**31 - 1  # width/height beyond this cannot be an image's (and would overflow the int64 cast)
@@ -36,7 +38,9 @@ def read_kaggle(root: str | Path, *, csv_name: str = "train.csv", image_dir: str
     root = Path(root)
     csv_path = root / csv_name
     table = _read_csv(csv_path)
+    table = _drop_exact_duplicates(table, csv_path)
     _check_values(table, csv_path)
+    _warn_blank_metadata(table, csv_path)
     images = _image_table(table, csv_path, image_dir)
     _check_images(images, root, csv_path)
     annotations = pd.DataFrame(
@@ -72,7 +76,64 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
     if blank.any():
         row = table["row"][blank].iloc[0]
         raise DataError(f"{csv_path}: row {row}: blank row (expected one row per cell, no blank lines)")
+    fields = _field_counts(csv_path)
+    short = fields < len(CSV_COLUMNS)
+    if len(fields) == len(table) and short.any():  # (a quoted newline in a field would make them disagree)
+        row = table["row"].to_numpy()[short][0]
+        found = fields[short][0]
+        raise DataError(f"{csv_path}: row {row}: {found} field(s), the header has {len(CSV_COLUMNS)} (a row cut short?)")
     return table
+
+
+def _field_counts(csv_path: Path) -> np.ndarray:
+    """The number of fields of every record after the header (pandas pads short rows with empty strings)."""
+    limit = csv.field_size_limit(2**31 - 1)  # pandas has read the file already: no field is too long for it
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            records = csv.reader(handle)
+            next(records, None)
+            return np.fromiter((len(record) for record in records), dtype=np.int64)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _drop_exact_duplicates(table: pd.DataFrame, csv_path: Path) -> pd.DataFrame:
+    """Drop rows that repeat an earlier row exactly (the competition's own ``train.csv`` has 15), with one warning.
+
+    Nothing is lost: the dropped rows are identical to the rows kept. A row that repeats an annotation but
+    differs in another field is not an exact duplicate, and is refused by :func:`_check_values`.
+    """
+    repeated = table.duplicated(list(CSV_COLUMNS), keep="first") & (table["annotation"].str.strip() != "")
+    if not repeated.any():
+        return table
+    dropped = table[repeated]
+    images = list(dict.fromkeys(dropped["id"]))
+    rows = dropped["row"].tolist()
+    log.warning(
+        "%s: dropped %d row(s) that repeat an earlier row of the same image exactly, in %d image(s): %s "
+        "(rows %s)", csv_path, len(dropped), len(images), _listing(images), _listing(rows),
+    )
+    return table[~repeated].reset_index(drop=True)
+
+
+def _warn_blank_metadata(table: pd.DataFrame, csv_path: Path) -> None:
+    """One warning naming the metadata columns left blank, and for how many images (accepted, as Kaggle's
+    re-publications of ``train.csv`` leave them)."""
+    firsts = table.drop_duplicates("id")
+    blank = {column: int((firsts[column].str.strip() == "").sum()) for column in METADATA_COLUMNS}
+    blank = {column: n for column, n in blank.items() if n}
+    if blank:
+        counts = ", ".join(f"{column} ({n})" for column, n in blank.items())
+        grouping = (
+            "; without a sample_id each such image is its own group in the split" if "sample_id" in blank else ""
+        )
+        log.warning("%s: blank metadata accepted, images without it: %s of %d%s", csv_path, counts, len(firsts), grouping)
+
+
+def _listing(items: list, shown: int = 10) -> str:
+    """The first ``shown`` items, comma-separated, with the number left out."""
+    head = ", ".join(map(str, items[:shown]))
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _fail(csv_path: Path, rows: pd.Series | pd.DataFrame, problem: str) -> None:
@@ -95,19 +156,14 @@ def _check_values(table: pd.DataFrame, csv_path: Path) -> None:
             _fail(csv_path, table[bad], f"{column} {table[bad][column].iloc[0]!r} is not a positive integer")
         table[column] = values.astype(np.int64)
     duplicated = table.duplicated(["id", "annotation"], keep="first") & (table["annotation"].str.strip() != "")
-    if duplicated.any():
+    if duplicated.any():  # exact duplicates are gone: this one differs in another field
         dup = table[duplicated].iloc[0]
         first = table[(table["id"] == dup["id"]) & (table["annotation"] == dup["annotation"])].iloc[0]
-        _fail(csv_path, table[duplicated], f"duplicate annotation (same as row {first['row']})")
+        _fail(csv_path, table[duplicated], f"duplicate annotation (same as row {first['row']}, other fields differ)")
     empty = table["annotation"].str.strip() == ""
     if empty.any():
         _fail(csv_path, table[empty], "annotation is empty")
-    metadata = ["plate_time", "sample_date", "sample_id", "elapsed_timedelta"]
-    for column in metadata:  # pandas pads a row with too few fields with empty strings
-        blank = table[column].str.strip() == ""
-        if blank.any():
-            _fail(csv_path, table[blank], f"{column} is empty (a row with fewer fields than the header?)")
-    per_image = ["width", "height", "cell_type", *metadata]
+    per_image = ["width", "height", "cell_type", *METADATA_COLUMNS]
     for column in per_image:
         first = table.groupby("id", sort=False)[column].transform("first")
         differs = table[column] != first
