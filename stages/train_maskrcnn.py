@@ -7,7 +7,7 @@ from cellseg.cli import guarded, stage_args
 from cellseg.coco import coco_to_source
 from cellseg.data import build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
-from cellseg.tracking import dataset_input, dvc_experiment_name, open_tracker, run_name, run_record
+from cellseg.tracking import run_record, training_tracker
 from cellseg.train import seed_everything, train_tracked
 
 
@@ -22,12 +22,9 @@ def main() -> None:
     raw = config.read_params(args.params)
     data, maskrcnn, tracking = (config.section(raw, n, path=args.params) for n in ("data", "maskrcnn", "tracking"))
     train = config.section(raw, "train", path=args.params).maskrcnn
-    name = run_name("maskrcnn", data.source, dvc_experiment_name())
-    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=name)
-    inputs = [
-        dataset_input(data.source, data.root, path, context, data.limit_images)
-        for path, context in ((args.coco_train, "training"), (args.coco_val, "validation"))
-    ] if tracking.enabled else []
+    tracker, inputs = training_tracker(
+        tracking, data, "maskrcnn", [(args.coco_train, "training"), (args.coco_val, "validation")]
+    )
 
     augment = build_augmentations(maskrcnn.augment, seed=train.seed)
     train_set = InstanceDataset(coco_to_source(args.coco_train, data.root), augment)

@@ -11,7 +11,7 @@ from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.train import seed_everything, train_tracked
-from cellseg.tracking import dataset_input, dvc_experiment_name, open_tracker, run_name, run_record
+from cellseg.tracking import run_record, training_tracker
 
 
 def main() -> None:
@@ -27,12 +27,7 @@ def main() -> None:
     data, unet, tracking = (config.section(raw, name, path=args.params) for name in ("data", "unet", "tracking"))
     train = config.section(raw, "train", path=args.params).unet
     split = json.loads(args.split.read_text())
-    name = run_name("unet", data.source, dvc_experiment_name())
-    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=name)
-    inputs = [
-        dataset_input(data.source, data.root, path, context, data.limit_images)
-        for path, context in ((args.decoded, "training"), (args.split, "split"))
-    ] if tracking.enabled else []
+    tracker, inputs = training_tracker(tracking, data, "unet", [(args.decoded, "training"), (args.split, "split")])
 
     store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], unet.boundary_width)
     train_set = PatchDataset(

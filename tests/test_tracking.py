@@ -30,6 +30,7 @@ from cellseg.tracking import (
     run_name,
     run_record,
     tracking_uri,
+    training_tracker,
 )
 
 
@@ -331,3 +332,26 @@ def test_check_server_status_codes(http_status_server: tuple[str, list[int]]) ->
     for code in (200, 401, 404):  # the server answers: MLflow reports the details itself
         codes.append(code)
         check_server(uri, "cellseg")
+
+
+def test_training_tracker_names_the_run_and_lists_its_inputs(in_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What both training stages open: a run named for the model, data source and DVC experiment, whose
+    Dataset column lists each input with its DVC digest; with tracking off, nothing."""
+    from cellseg.config import DataParams, TrackingParams
+
+    root = in_store / "sartorius"
+    root.mkdir()
+    (root / "coco_train.json").write_text("{}")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-7")
+    data = DataParams(source="kaggle", root=str(root), limit_images=5, seed=0)
+    tracking = TrackingParams(enabled=True, uri=None, experiment="stages")
+    tracker, inputs = training_tracker(tracking, data, "maskrcnn", [(root / "coco_train.json", "training")])
+    with tracker:
+        tracker.start(params={}, inputs=inputs)
+        run_id = tracker.run_id
+    run = _client().get_run(run_id)
+    assert run.info.run_name == "maskrcnn · kaggle · exp-7"
+    (logged,) = run.inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("kaggle:sartorius[5 images]", _md5(b"{}"))
+    off, none = training_tracker(TrackingParams(enabled=False, uri=None, experiment="x"), data, "unet", [(root, "training")])
+    assert type(off) is Tracker and none == []

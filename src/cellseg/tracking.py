@@ -348,6 +348,18 @@ class MlflowTracker(Tracker):
         return info.model_uri
 
 
+def training_tracker(
+    tracking: Any, data: Any, model: str, inputs: Sequence[tuple[str | Path, str]]
+) -> tuple[Tracker, list[DatasetInput]]:
+    """The tracker of one training stage's run, named by :func:`run_name`, and the :class:`DatasetInput` of each
+    ``(path, context)`` in ``inputs``; ``tracking`` and ``data`` are those params sections."""
+    name = run_name(model, data.source, dvc_experiment_name())
+    tracker = open_tracker(tracking.enabled, tracking.uri, tracking.experiment, run_name=name)
+    if not tracking.enabled:
+        return tracker, []
+    return tracker, [dataset_input(data.source, data.root, path, context, data.limit_images) for path, context in inputs]
+
+
 def _meta_dataset(dataset: DatasetInput):  # -> mlflow.data.meta_dataset.MetaDataset
     """MLflow's form of a :class:`DatasetInput`: its name, digest and (local or remote) source."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
