@@ -46,7 +46,7 @@ import yaml  # noqa: E402
 from cellseg import config  # noqa: E402
 from cellseg.data import ImageStore  # noqa: E402
 from cellseg.evaluate import evaluate_predictor  # noqa: E402
-from cellseg.inference import POSTPROCESS_PARAMS, load_predictor  # noqa: E402
+from cellseg.inference import load_predictor, postprocess_params  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
 from cellseg.train import pick_device  # noqa: E402
 
@@ -154,8 +154,7 @@ def evaluate(params: Path, data: Path, models: Path, names: tuple[str, ...]) -> 
     for name in names:
         print(f"  evaluate {name} ...", end=" ", flush=True)
         began = time.perf_counter()
-        current = config.section(raw, name)
-        postprocess = {key: getattr(current, key) for key in POSTPROCESS_PARAMS[name]}
+        postprocess = postprocess_params(config.section(raw, name), name)
         predictor = load_predictor(models / name / "best.pt", device, postprocess)
         results[name] = evaluate_predictor(predictor, store, val, coco_gt).metrics
         print(f"{time.perf_counter() - began:.0f} s", flush=True)

@@ -13,7 +13,7 @@ from cellseg.cli import guarded, stage_args
 from cellseg.data import ImageStore
 from cellseg.errors import ResourceError
 from cellseg.evaluate import evaluate_predictor
-from cellseg.inference import POSTPROCESS_PARAMS, load_predictor
+from cellseg.inference import load_predictor, postprocess_params
 from cellseg.io import write_json
 from cellseg.report import write_plots, write_report
 from cellseg.tracking import open_tracker
@@ -45,7 +45,7 @@ def main() -> None:
     for name in MODELS:
         checkpoints[name] = load_checkpoint(args.models / name / "best.pt", name)
         current = config.section(raw, name, path=args.params)  # today's thresholds, not those stored at training
-        postprocess = {key: getattr(current, key) for key in POSTPROCESS_PARAMS[name]}
+        postprocess = postprocess_params(current, name)
         predictor = load_predictor(args.models / name / "best.pt", device, postprocess)
         evaluations.append(evaluate_predictor(predictor, store, val, coco_gt))
     write_json(args.metrics / "evaluate.json", {e.name: e.metrics for e in evaluations})

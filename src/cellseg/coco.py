@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 from cellseg import rle
 from cellseg.errors import DataError
 from cellseg.io import atomic_path
-from cellseg.sources import CELL_TYPES, IMAGE_COLUMNS, SourceData
+from cellseg.sources import CELL_TYPES, IMAGE_COLUMNS, SourceData, listing
 
 log = logging.getLogger(__name__)
 
@@ -557,10 +557,9 @@ def _drop_exact_duplicates(cells: pd.DataFrame, path: Path) -> pd.DataFrame:
     repeated = cells.duplicated(["image", "annotation", "category_type"]) & (cells["annotation"] != "")
     if repeated.any():
         dropped = [where.split(": ", 1)[-1] for where in cells["where"][repeated]]
-        shown = "; ".join(dropped[:10]) + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else "")
         log.warning(
             "%s: dropped %d annotation(s) that repeat an earlier one of the same image exactly: %s",
-            path, len(dropped), shown,
+            path, len(dropped), listing(dropped, separator="; "),
         )
     return cells[~repeated].reset_index(drop=True)
 

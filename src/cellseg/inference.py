@@ -109,6 +109,12 @@ POSTPROCESS_PARAMS = {
 }
 
 
+def postprocess_params(section: BaseModel, name: str) -> dict[str, Any]:
+    """The post-processing params (:data:`POSTPROCESS_PARAMS`) of model ``name`` in its params ``section``, as
+    :func:`load_predictor` overrides the ones stored at training."""
+    return {key: getattr(section, key) for key in POSTPROCESS_PARAMS[name]}
+
+
 def load_predictor(
     checkpoint: str | Path, device: torch.device, postprocess: Mapping[str, Any] | None = None
 ) -> Predictor:

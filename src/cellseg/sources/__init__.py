@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,13 @@ class SourceData:
     annotation_file: Path
     images: pd.DataFrame
     annotations: pd.DataFrame
+
+
+def listing(items: Sequence[object], shown: int = 10, separator: str = ", ") -> str:
+    """The first ``shown`` items joined by ``separator``, with the number left out (for warnings that name what
+    a reader dropped)."""
+    head = separator.join(map(str, items[:shown]))
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def subset(data: SourceData, limit: int | None, seed: int) -> SourceData:

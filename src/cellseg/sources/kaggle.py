@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from cellseg.errors import DataError
-from cellseg.sources import CELL_TYPES, IMAGE_COLUMNS, SourceData
+from cellseg.sources import CELL_TYPES, IMAGE_COLUMNS, SourceData, listing
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _drop_exact_duplicates(table: pd.DataFrame, csv_path: Path) -> pd.DataFrame:
     rows = dropped["row"].tolist()
     log.warning(
         "%s: dropped %d row(s) that repeat an earlier row of the same image exactly, in %d image(s): %s "
-        "(rows %s)", csv_path, len(dropped), len(images), _listing(images), _listing(rows),
+        "(rows %s)", csv_path, len(dropped), len(images), listing(images), listing(rows),
     )
     return table[~repeated].reset_index(drop=True)
 
@@ -128,12 +128,6 @@ def _warn_blank_metadata(table: pd.DataFrame, csv_path: Path) -> None:
             "; without a sample_id each such image is its own group in the split" if "sample_id" in blank else ""
         )
         log.warning("%s: blank metadata accepted, images without it: %s of %d%s", csv_path, counts, len(firsts), grouping)
-
-
-def _listing(items: list, shown: int = 10) -> str:
-    """The first ``shown`` items, comma-separated, with the number left out."""
-    head = ", ".join(map(str, items[:shown]))
-    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _fail(csv_path: Path, rows: pd.Series | pd.DataFrame, problem: str) -> None:
