@@ -172,7 +172,7 @@ def _load_weights(model: torch.nn.Module, state_dict: dict, checkpoint: str | Pa
         raise DataError(f"{checkpoint}: its weights do not fit the {name} model its params describe ({reason})") from None
 
 
-def coco_results(instances: Instances, image_id: int, class_agnostic: bool = False, chunk: int = 64) -> list[dict]:
+def coco_results(instances: Instances, image_id: int, chunk: int = 64) -> list[dict]:
     """COCO result dicts (compressed RLE segmentation, bbox, category, score) for one image's instances.
 
     Masks are encoded ``chunk`` instances at a time, bounding memory to ``chunk`` full-size masks.
@@ -188,7 +188,7 @@ def coco_results(instances: Instances, image_id: int, class_agnostic: bool = Fal
             results.append(
                 {
                     "image_id": image_id,
-                    "category_id": 1 if class_agnostic else int(instances.classes[k]),
+                    "category_id": int(instances.classes[k]),
                     "segmentation": rle,
                     "bbox": [float(v) for v in box],
                     "score": float(instances.scores[k]),
