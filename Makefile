@@ -19,7 +19,7 @@ run: install
 	dvc repro
 
 test: install
-	pytest -q -m "not slow" --durations=15
+	pytest -q -m "not slow" -n auto --durations=15
 
 test-all: install
-	pytest -q
+	pytest -q -n auto

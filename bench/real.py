@@ -48,7 +48,7 @@ from cellseg.data import ImageStore  # noqa: E402
 from cellseg.evaluate import evaluate_predictor  # noqa: E402
 from cellseg.inference import load_predictor, postprocess_params  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
-from cellseg.train import pick_device  # noqa: E402
+from cellseg.devices import pick_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"

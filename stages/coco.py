@@ -6,18 +6,19 @@ import sys
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
 from cellseg.coco import to_coco, write_coco
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE
 from cellseg.errors import DataError
+from cellseg.outputs import Kind
 
 
 def main() -> None:
     args = stage_args(
         __doc__,
-        decoded="the decode stage's output directory",
-        split="the split JSON",
-        out="directory for coco_train.json and coco_val.json",
+        decoded=In("the decode stage's output directory"),
+        split=In("the split JSON"),
+        out=Out(Kind.FOLDER, "directory for coco_train.json and coco_val.json"),
     )
     params = config.load("split", args.params)
     split = json.loads(args.split.read_text())

@@ -3,13 +3,14 @@
 import sys
 
 from cellseg import config
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
 from cellseg.decode import decode_dataset
+from cellseg.outputs import Kind
 from cellseg.sources import load_source
 
 
 def main() -> None:
-    args = stage_args(__doc__, out="output path")
+    args = stage_args(__doc__, out=Out(Kind.TREE, "the decoded data set's directory"))
     params = config.load("data", args.params)
     data = load_source(params.source, params.root, limit_images=params.limit_images, seed=params.seed)
     decode_dataset(data, args.out)

@@ -9,31 +9,34 @@ import pandas as pd
 
 from cellseg import config
 from cellseg.checkpoint import load_checkpoint
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
 from cellseg.data import ImageStore
-from cellseg.errors import ResourceError
+from cellseg.errors import ParamsError, ResourceError
 from cellseg.evaluate import evaluate_predictor
 from cellseg.inference import load_predictor, postprocess_params
 from cellseg.io import write_json
+from cellseg.outputs import Kind
 from cellseg.report import write_plots, write_report
 from cellseg.tracking import open_tracker
-from cellseg.train import pick_device
+from cellseg.devices import pick_device
 
-MODELS = ("unet", "maskrcnn")
 log = logging.getLogger("cellseg.evaluate")
 
 
 def main() -> None:
     args = stage_args(
         __doc__,
-        decoded="the decode stage's output directory",
-        split="the split JSON",
-        coco="COCO json of the validation images",
-        models="directory holding <model>/best.pt",
-        metrics="directory holding <model>/epochs.csv",
-        plots="directory for the plots",
-        report="the report to write",
+        decoded=In("the decode stage's output directory"),
+        split=In("the split JSON"),
+        coco=In("COCO json of the validation images"),
+        checkpoints=In("each model's best.pt", many=True),
+        histories=In("each model's epochs.csv, in the order of --checkpoints", many=True),
+        metrics=Out(Kind.FILE, "the metrics JSON to write"),
+        plots=Out(Kind.FOLDER, "directory for the plots"),
+        report=Out(Kind.FILE, "the report to write"),
     )
+    if len(args.histories) != len(args.checkpoints):
+        raise ParamsError(f"--histories: {len(args.histories)} file(s) for {len(args.checkpoints)} checkpoint(s)")
     raw = config.read_params(args.params)
     data, tracking = config.section(raw, "data", path=args.params), config.section(raw, "tracking", path=args.params)
     val = json.loads(args.split.read_text())["val"]
@@ -41,17 +44,19 @@ def main() -> None:
     coco_gt = json.loads(args.coco.read_text())
     device = pick_device(config.section(raw, "train", path=args.params).unet.device)
 
-    evaluations, checkpoints = [], {}
-    for name in MODELS:
-        checkpoints[name] = load_checkpoint(args.models / name / "best.pt", name)
+    evaluations, checkpoints, histories = [], {}, {}
+    for path, history in zip(args.checkpoints, args.histories):
+        checkpoint = load_checkpoint(path)
+        name = checkpoint["model"]
+        if name in checkpoints:
+            raise ParamsError(f"--checkpoints: two checkpoints of model {name!r}")
+        checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
         current = config.section(raw, name, path=args.params)  # today's thresholds, not those stored at training
-        postprocess = postprocess_params(current, name)
-        predictor = load_predictor(args.models / name / "best.pt", device, postprocess)
+        predictor = load_predictor(path, device, postprocess_params(current, name))
         evaluations.append(evaluate_predictor(predictor, store, val, coco_gt))
-    write_json(args.metrics / "evaluate.json", {e.name: e.metrics for e in evaluations})
-    histories = {n: pd.read_csv(args.metrics / n / "epochs.csv").to_dict("records") for n in MODELS}
+    write_json(args.metrics, {e.name: e.metrics for e in evaluations})
     plots = write_plots(evaluations, store, val, histories, args.plots)
-    write_report(args.report, evaluations, store, val, plots, {n: checkpoints[n]["model_params"] for n in MODELS})
+    write_report(args.report, evaluations, store, val, plots, {n: c["model_params"] for n, c in checkpoints.items()})
     _log_to_runs(tracking, checkpoints, evaluations, plots)
 
 

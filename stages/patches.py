@@ -6,14 +6,20 @@ import sys
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE
 from cellseg.io import write_parquet
+from cellseg.outputs import Kind
 from cellseg.patches import sample_patches
 
 
 def main() -> None:
-    args = stage_args(__doc__, decoded="the decode stage's output directory", split="the split JSON", out="output path")
+    args = stage_args(
+        __doc__,
+        decoded=In("the decode stage's output directory"),
+        split=In("the split JSON"),
+        out=Out(Kind.FILE, "the patch index (Parquet)"),
+    )
     params = config.load("patches", args.params)
     index = sample_patches(
         pd.read_parquet(args.decoded / INSTANCES_TABLE),

@@ -3,12 +3,13 @@
 import sys
 
 from cellseg import config
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
+from cellseg.outputs import Kind
 from cellseg.sources.synthetic import synthesize
 
 
 def main() -> None:
-    args = stage_args(__doc__, out="output path")
+    args = stage_args(__doc__, data_root=False, out=Out(Kind.TREE, "the data set's directory"))
     params = config.load("synth", args.params)
     synthesize(args.out, n_images=params.images, seed=params.seed)
 

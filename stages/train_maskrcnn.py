@@ -3,21 +3,22 @@
 import sys
 
 from cellseg import config
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
 from cellseg.coco import coco_to_source
 from cellseg.data import build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
 from cellseg.tracking import run_record, training_tracker
+from cellseg.outputs import Kind
 from cellseg.train import seed_everything, train_tracked
 
 
 def main() -> None:
     args = stage_args(
         __doc__,
-        coco_train="the coco stage's training json (coco_train.json)",
-        coco_val="the coco stage's validation json (coco_val.json)",
-        models="directory of the models' checkpoints",
-        metrics="directory of the metrics files",
+        coco_train=In("the coco stage's training json (coco_train.json)"),
+        coco_val=In("the coco stage's validation json (coco_val.json)"),
+        models=Out(Kind.FOLDER, "directory of the model's checkpoints (best.pt, last.pt)"),
+        metrics=Out(Kind.FOLDER, "directory of the training's metrics files"),
     )
     raw = config.read_params(args.params)
     data, maskrcnn, tracking = (config.section(raw, n, path=args.params) for n in ("data", "maskrcnn", "tracking"))

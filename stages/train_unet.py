@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import guarded, stage_args
+from cellseg.cli import In, Out, guarded, stage_args
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
 from cellseg.models.unet import UNetTask, build_unet
+from cellseg.outputs import Kind
 from cellseg.train import seed_everything, train_tracked
 from cellseg.tracking import run_record, training_tracker
 
@@ -17,11 +18,11 @@ from cellseg.tracking import run_record, training_tracker
 def main() -> None:
     args = stage_args(
         __doc__,
-        decoded="the decode stage's output directory",
-        split="the split JSON",
-        patches="the patch index",
-        models="directory of the models' checkpoints",
-        metrics="directory of the metrics files",
+        decoded=In("the decode stage's output directory"),
+        split=In("the split JSON"),
+        patches=In("the patch index"),
+        models=Out(Kind.FOLDER, "directory of the model's checkpoints (best.pt, last.pt)"),
+        metrics=Out(Kind.FOLDER, "directory of the training's metrics files"),
     )
     raw = config.read_params(args.params)
     data, unet, tracking = (config.section(raw, name, path=args.params) for name in ("data", "unet", "tracking"))

@@ -125,7 +125,7 @@ def test_build_augmentations() -> None:
     assert set(np.unique(out["mask"])) <= {0, 2}  # nearest interpolation: no blended classes
     identity = build_augmentations([])(image=image, mask=mask)
     np.testing.assert_array_equal(identity["image"], image)
-    with pytest.raises(ParamsError, match=r"unet\.augment: unknown augmentation\(s\) \['spin'\]; valid names: hflip"):
+    with pytest.raises(ParamsError, match=r"augment: unknown augmentation\(s\) \['spin'\]; valid names: hflip"):
         build_augmentations(["hflip", "spin"])
 
 

@@ -21,7 +21,7 @@ from cellseg.cli import build_parser
 from cellseg.config import UNetParams
 from cellseg.errors import DataError
 from cellseg.inference import UNetPredictor
-from cellseg.io import read_labels
+from cellseg.io import MARKER, read_labels
 from cellseg.models.unet import build_unet
 from cellseg.predict import predict_images, submission_rows
 from cellseg.sources import CELL_TYPES
@@ -115,14 +115,22 @@ def test_predict_takes_no_cell_type() -> None:
 
 
 def test_existing_output_is_kept_unless_overwrite(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    """A folder cellseg did not write is never replaced, ``--overwrite`` or not; one it wrote only with it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="a folder that cellseg did not write .* refusing to replace it"):
+            predict_images(checkpoint, [images], mine, device=CPU, overwrite=overwrite)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    predict_images(checkpoint, [images], out, device=CPU)
     with pytest.raises(DataError, match="already exists and is not empty; pass --overwrite"):
-        predict_images(checkpoint, [images], out, device=CPU)
-    assert (out / "mine.txt").read_text() == "keep me"
+        predict_images(checkpoint, [images / "a.png"], out, device=CPU)
+    assert len(pd.read_csv(out / "submission.csv")["id"].unique()) == 3
     predict_images(checkpoint, [images / "a.png"], out, device=CPU, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["labels", "predictions.json", "submission.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "labels", "predictions.json", "submission.csv"]
+    assert pd.read_csv(out / "submission.csv")["id"].unique().tolist() == ["a"]
 
 
 def test_unreadable_image_is_a_clear_error_and_writes_nothing(checkpoint: Path, images: Path, tmp_path: Path) -> None:
@@ -156,3 +164,22 @@ def test_postprocess_params_can_be_overridden_without_retraining(checkpoint: Pat
         load_predictor(checkpoint, CPU, {"encoder": "resnet34"})
     with pytest.raises(DataError, match="stored model_params are invalid"):
         load_predictor(checkpoint, CPU, {"mask_threshold": 2.0})
+
+
+def test_tiny_images_and_odd_entries(checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Images of 1×1 and 3×2 pixels are segmented (padded for the network, cut back after); what is not an
+    image file is left, with a warning naming it, not silently."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(np.full((1, 1), 90, np.uint8)).save(folder / "dot.png")
+    Image.fromarray(np.full((2, 3), 90, np.uint8)).save(folder / "strip.png")
+    (folder / "notes.txt").write_text("plate layout")
+    (folder / "sub.png").mkdir()
+    with caplog.at_level("WARNING", logger="cellseg.predict"):
+        counts = predict_images(checkpoint, [folder], tmp_path / "out", device=CPU)
+    assert counts["images"] == 2
+    assert any("left 2 entr(ies) that are not image files" in r.message and "notes.txt, sub.png" in r.message for r in caplog.records)
+    assert read_labels(tmp_path / "out" / "labels" / "dot.png").shape == (1, 1)
+    assert read_labels(tmp_path / "out" / "labels" / "strip.png").shape == (2, 3)
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", keep_default_na=False)
+    assert set(submission["id"]) == {"dot", "strip"}

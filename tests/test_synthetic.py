@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 
 import cellseg.io
 from cellseg.errors import ParamsError
+from cellseg.io import MARKER
 from cellseg.rle import decode, encode
 from cellseg.sources import synthetic
 from cellseg.sources import CELL_TYPES
@@ -68,7 +69,7 @@ def test_one_png_per_image_and_nothing_else(generated):
     root, table = generated
     ids = table["id"].unique()
     assert sorted(p.name for p in (root / "train").iterdir()) == sorted(f"{i}.png" for i in ids)
-    assert sorted(p.name for p in root.iterdir()) == ["train", "train.csv"]
+    assert sorted(p.name for p in root.iterdir()) == [MARKER, "train", "train.csv"]  # MARKER: cellseg wrote it
     for image_id in ids:
         image = _image(root, image_id)
         assert image.dtype == np.uint8

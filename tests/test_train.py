@@ -426,6 +426,55 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "cut.pt", "unet")
 
 
+@pytest.mark.parametrize("change", ["tensor", "number", "bytes"])
+def test_checkpoint_content_hash_catches_a_changed_checkpoint(tmp_path: Path, change: str) -> None:
+    """A checkpoint changed after saving (a weight, an epoch number, bytes flipped on disk) no longer matches the
+    hash saved with it, though it unpickles without a word; the unchanged one loads."""
+    path = tmp_path / "last.pt"
+    state = {"model_state": {"w": torch.linspace(0, 1, 50_000), "h": torch.ones(3, dtype=torch.bfloat16)}, "epoch": 4}
+    save_checkpoint(path, "unet", state)
+    loaded = load_checkpoint(path, "unet")
+    assert torch.equal(loaded["model_state"]["w"], state["model_state"]["w"]) and loaded["epoch"] == 4
+    raw = torch.load(path, weights_only=True)
+    if change == "tensor":
+        raw["model_state"]["w"][123] = 1e24
+        torch.save(raw, path)
+    elif change == "number":
+        raw["epoch"] = 5
+        torch.save(raw, path)
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+        assert torch.load(path, weights_only=True)["epoch"] == 4  # loads as if nothing happened
+    with pytest.raises(DataError, match="last.pt: checkpoint is corrupt: its content does not match the sha256 hash"):
+        load_checkpoint(path, "unet")
+
+
+def test_checkpoint_without_a_hash_is_refused(tmp_path: Path) -> None:
+    torch.save({"format": FORMAT, "version": 1, "model": "unet", "model_state": {}}, tmp_path / "old.pt")
+    with pytest.raises(DataError, match="old.pt: checkpoint format version 1; this cellseg reads 2"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_a_batch_beyond_free_memory_is_refused_before_training(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
+    """A batch one sample larger than the free memory holds (by the U-Net's bytes per pixel) is refused; 2 fit."""
+    from cellseg.devices import free_memory
+    from cellseg.errors import ParamsError
+    from cellseg.train import check_memory
+
+    train_set = sets[0]
+    task = UNetTask(UNetParams())
+    free = free_memory(torch.device("cpu"))
+    if free is None:
+        pytest.skip("free memory cannot be told on this machine")
+    pixels = math.prod(train_set[0]["image"].shape[-2:])
+    batch = int(free / (pixels * task.train_bytes_per_pixel)) + 1
+    with pytest.raises(ParamsError, match=f"train.unet.batch_size: {batch} samples of {pixels:,} pixels need about"):
+        check_memory(task, train_set, batch, torch.device("cpu"))
+    check_memory(task, train_set, 2, torch.device("cpu"))
+
+
 class Payload:
     """Unpickling this object creates the directory ``marker``: code run from the file."""
 

@@ -6,20 +6,28 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from cellseg import config
 from cellseg.errors import CellsegError
+from cellseg.outputs import Kind, check_outputs
 
 log = logging.getLogger("cellseg")
 
 
 def guarded(main: Callable[[], None]) -> int:
-    """Run ``main`` with logging set up; print a :class:`CellsegError` as one line and return 1."""
+    """Run ``main`` with logging set up; print a :class:`CellsegError`, or an ``OSError`` (a full disk, no
+    permission), as one line and return 1 (atomic outputs have removed their temporary paths by then)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
     except CellsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # what the machine refuses: a full disk, a read-only or vanished folder, no permission
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -27,30 +35,84 @@ def guarded(main: Callable[[], None]) -> int:
     return 0
 
 
-def stage_args(description: str | None, **paths: str) -> argparse.Namespace:
-    """Parse a DVC stage script's command line: ``--params`` (default ``params.yaml``) and one required
-    path option per keyword, ``--<name>``, whose value is its help text."""
+@dataclass(frozen=True)
+class In:
+    """A stage script's input path option (``many``: one or more paths)."""
+
+    help: str
+    many: bool = False
+
+
+@dataclass(frozen=True)
+class Out:
+    """A stage script's output path option, of the :class:`~cellseg.outputs.Kind` ``kind``."""
+
+    kind: Kind
+    help: str
+
+
+def stage_args(description: str | None, *, data_root: bool = True, **paths: In | Out) -> argparse.Namespace:
+    """Parse a DVC stage script's command line: ``--params`` (default ``params.yaml``) and one required path
+    option per keyword, ``--<name>``; then check the outputs (:func:`~cellseg.outputs.check_outputs`) against
+    the inputs, the params file and, with ``data_root``, the params' ``data.root``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file")
-    for name, help_text in paths.items():
-        parser.add_argument(f"--{name}", type=Path, required=True, help=help_text)
-    return parser.parse_args()
+    for name, spec in paths.items():
+        many = isinstance(spec, In) and spec.many
+        parser.add_argument(f"--{name}", type=Path, required=True, nargs="+" if many else None, help=spec.help)
+    args = parser.parse_args()
+    inputs = [args.params]
+    for name, spec in paths.items():
+        if isinstance(spec, In):
+            inputs += getattr(args, name) if spec.many else [getattr(args, name)]
+    if data_root and (root := config.data_root(config.read_params(args.params))):
+        inputs.append(root)
+    check_outputs([(getattr(args, name), spec.kind) for name, spec in paths.items() if isinstance(spec, Out)], inputs)
+    return args
 
 
 def _synth(args: argparse.Namespace) -> None:
     from cellseg.sources.synthetic import synthesize
 
+    check_outputs([(args.out, Kind.TREE)], [], overwrite=args.overwrite)
     synthesize(args.out, n_images=args.images, seed=args.seed)
 
 
 def _predict(args: argparse.Namespace) -> None:
     from cellseg.predict import predict_images
-    from cellseg.train import pick_device
+    from cellseg.devices import pick_device
 
     predict_images(
         args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
         device=pick_device(args.device),
     )
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (no upper bound: None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is above {high}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: a device this machine has (:func:`cellseg.devices.check_device`)."""
+    from cellseg.devices import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,16 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write a synthetic data set in the Kaggle format (train.csv + train/)")
     synth.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically)")
-    synth.add_argument("--images", type=int, default=24, help="number of images (606 ≈ the real data's scale)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed → same bytes")
+    synth.add_argument("--overwrite", action="store_true", help="replace --out if cellseg wrote it and it is not empty")
+    synth.add_argument("--images", type=_integer(1), default=24, help="number of images (606 ≈ the real data's scale)")
+    synth.add_argument("--seed", type=_integer(0, 2**32 - 1), default=0, help="random seed; same seed → same bytes")
     synth.set_defaults(run=_synth)
     predict = commands.add_parser("predict", help="segment new images with a trained checkpoint")
     predict.add_argument("inputs", nargs="+", help="image files and/or directories of images")
     predict.add_argument("--model", type=Path, required=True, help="a checkpoint, e.g. models/maskrcnn/best.pt")
     predict.add_argument("--out", type=Path, required=True, help="output directory (labels/, predictions.json, submission.csv)")
-    predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    predict.add_argument("--batch-size", type=int, default=4)
-    predict.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    predict.add_argument("--overwrite", action="store_true", help="replace --out if cellseg wrote it and it is not empty")
+    predict.add_argument("--batch-size", type=_integer(1), default=4, help="images per forward pass")
+    predict.add_argument(
+        "--device", type=_device, default="auto", help="auto (CUDA when present), or cpu, cuda, cuda:1 ... if present"
+    )
     predict.set_defaults(run=_predict)
     return parser
 

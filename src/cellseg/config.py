@@ -1,23 +1,48 @@
 """Typed, validated parameters: one pydantic model per ``params.yaml`` section.
 
-A wrong value fails before any work, with the parameter's dotted name in the message.
+A wrong value fails before any work, with the parameter's dotted name in the message: a wrong type, a value
+out of its range (bounds that keep a run within what a machine can hold), a device the machine lacks, an
+unknown key or section. The file itself is read within bounds: at most :data:`MAX_PARAMS_BYTES`, no YAML
+aliases (a few of them expand into gigabytes), nesting at most :data:`MAX_DEPTH` deep.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cellseg.errors import ParamsError
+
+MAX_PARAMS_BYTES = 1 << 20
+MAX_DEPTH = 32
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's and torch's seed range
+Device = Annotated[str, AfterValidator(lambda name: _check_device(name))]
+Augment = Annotated[str, AfterValidator(lambda name: _check_augment(name))]
+MinSize = dict[str, Annotated[int, Field(ge=0, le=1_000_000)]]
+
+
+def _check_device(name: str) -> str:
+    from cellseg.devices import check_device  # imports torch: only where a device is validated
+
+    return check_device(name)
+
+
+def _check_augment(name: str) -> str:
+    from cellseg.data import AUGMENTATIONS  # imports albumentations: only where augmentations are validated
+
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; the names are {', '.join(AUGMENTATIONS)}")
+    return name
 
 
 class Section(BaseModel):
     """Base of every params section: unknown keys and type coercions are refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataParams(Section):
@@ -26,22 +51,22 @@ class DataParams(Section):
     source: Literal["synthetic", "kaggle", "livecell"] = "synthetic"
     root: str = "data/raw/synthetic"
     limit_images: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SynthParams(Section):
     """``synth``: the embedded synthetic data set (used when ``data.source`` is ``synthetic``)."""
 
-    images: int = Field(default=24, ge=1, le=100_000)
-    seed: int = 0
+    images: int = Field(default=24, ge=1, le=10_000)  # 10,000 images: about 2 GB of PNG
+    seed: Seed = 0
 
 
 class SplitParams(Section):
     """``split``: K-fold split stratified by cell type, grouped by sample."""
 
-    n_folds: int = Field(default=5, ge=2)
+    n_folds: int = Field(default=5, ge=2, le=1000)
     fold: int = Field(default=0, ge=0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> SplitParams:
@@ -53,11 +78,11 @@ class SplitParams(Section):
 class PatchParams(Section):
     """``patches``: one training window per annotated cell of the training split."""
 
-    size: int = Field(default=256, ge=32, multiple_of=32)
+    size: int = Field(default=256, ge=32, le=2048, multiple_of=32)
     jitter: float = Field(default=0.5, ge=0.0, le=1.0)
-    per_cell: int = Field(default=1, ge=1)
-    background_fraction: float = Field(default=0.05, ge=0.0)
-    seed: int = 0
+    per_cell: int = Field(default=1, ge=1, le=100)
+    background_fraction: float = Field(default=0.05, ge=0.0, le=10.0)
+    seed: Seed = 0
 
 
 class UNetParams(Section):
@@ -65,35 +90,37 @@ class UNetParams(Section):
 
     encoder: str = "efficientnet-b0"
     encoder_weights: str = "none"  # imagenet | none | <path to a local weights file>
-    decoder_channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16, 16], min_length=5, max_length=5)
+    decoder_channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [128, 64, 32, 16, 16], min_length=5, max_length=5
+    )
     channels: Literal[1, 3] = 3
     loss: Literal["ce", "ce_dice"] = "ce_dice"
-    type_loss_weight: float = Field(default=0.3, ge=0.0)
+    type_loss_weight: float = Field(default=0.3, ge=0.0, le=100.0)
     boundary_width: int = Field(default=1, ge=1, le=5)
-    augment: list[str] = Field(default_factory=lambda: ["hflip", "vflip", "rotate90", "brightness_contrast"])
+    augment: list[Augment] = Field(default_factory=lambda: ["hflip", "vflip", "rotate90", "brightness_contrast"])
     mean: float = Field(default=0.5, ge=0.0, le=1.0)
     std: float = Field(default=0.25, gt=0.0)
     marker_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    min_size: dict[str, int] = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
+    min_size: MinSize = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
 
 
 class TrainParams(Section):
     """``train.<model>``: the shared trainer's settings for one model."""
 
-    epochs: int = Field(default=15, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # per process under torchrun (global batch: batch_size × processes)
-    lr: float = Field(default=1e-3, gt=0.0)
-    weight_decay: float = Field(default=1e-4, ge=0.0)
-    warmup_epochs: float = Field(default=0.5, ge=0.0)
+    epochs: int = Field(default=15, ge=1, le=100_000)
+    batch_size: int = Field(default=16, ge=1, le=4096)  # per process under torchrun (global batch: batch_size × processes)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=10.0)
+    warmup_epochs: float = Field(default=0.5, ge=0.0, le=100_000)
     grad_clip: float | None = Field(default=1.0, gt=0.0)
-    workers: int = Field(default=2, ge=0)
-    seed: int = 0
+    workers: int = Field(default=2, ge=0, le=256)
+    seed: Seed = 0
     resume: bool = False
     amp: bool = True
     channels_last: bool = True
-    device: str = "auto"
-    samples_per_epoch: int | None = Field(default=None, ge=1)  # over all processes under torchrun
+    device: Device = "auto"
+    samples_per_epoch: int | None = Field(default=None, ge=1, le=100_000_000)  # over all processes under torchrun
 
 
 class MaskRCNNParams(Section):
@@ -101,18 +128,22 @@ class MaskRCNNParams(Section):
 
     weights: str = "none"  # coco | none | <path to a local weights file>
     image_scale: float = Field(default=1.0, gt=0.0, le=4.0)  # 2.0: 704×520 images upscaled ×2
-    anchor_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5)
-    aspect_ratios: list[float] = Field(default_factory=lambda: [0.33, 0.5, 1.0, 2.0, 3.0], min_length=1)
-    detections_per_img: int = Field(default=1000, ge=1)
-    rpn_pre_nms_top_n: int = Field(default=6000, ge=1)
-    rpn_post_nms_top_n: int = Field(default=3000, ge=1)
-    box_batch_size_per_image: int = Field(default=512, ge=1)
+    anchor_sizes: list[Annotated[int, Field(ge=1, le=2048)]] = Field(
+        default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
+    )
+    aspect_ratios: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
+        default_factory=lambda: [0.33, 0.5, 1.0, 2.0, 3.0], min_length=1, max_length=32
+    )
+    detections_per_img: int = Field(default=1000, ge=1, le=20_000)
+    rpn_pre_nms_top_n: int = Field(default=6000, ge=1, le=200_000)
+    rpn_post_nms_top_n: int = Field(default=3000, ge=1, le=200_000)
+    box_batch_size_per_image: int = Field(default=512, ge=1, le=20_000)
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    score_threshold: dict[str, float] = Field(
+    score_threshold: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=lambda: {"shsy5y": 0.3, "astro": 0.4, "cort": 0.5}, min_length=1
     )
-    min_size: dict[str, int] = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
-    augment: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
+    min_size: MinSize = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
+    augment: list[Augment] = Field(default_factory=lambda: ["hflip", "vflip"])
     mean: float = Field(default=0.5, ge=0.0, le=1.0)
     std: float = Field(default=0.25, gt=0.0)
 
@@ -129,7 +160,7 @@ class TrackingParams(Section):
 
     enabled: bool = True
     uri: str | None = None
-    experiment: str = "cellseg"
+    experiment: str = Field(default="cellseg", min_length=1, max_length=500)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -146,18 +177,60 @@ SECTIONS: dict[str, type[Section]] = {
 S = TypeVar("S", bound=Section)
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases and nesting deeper than :data:`MAX_DEPTH`."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise ParamsError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted in params")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ParamsError(f"line {event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
-    """Read the raw params file; a missing or malformed file raises :class:`ParamsError`."""
+    """Read the raw params file (within the module docstring's bounds); a missing, oversized or malformed file,
+    or an unknown section, raises :class:`ParamsError`."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: {path.stat().st_size:,} bytes; a params file holds at most {MAX_PARAMS_BYTES:,}")
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file is missing") from None
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ParamsError(f"{path}: not valid YAML ({_cut(' '.join(str(exc).split()), 300)})") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror})") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    for name in raw:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), SECTIONS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the sections are {', '.join(SECTIONS)}"
+            raise ParamsError(f"{path}: unknown section {_cut(repr(name))}: {hint}")
     return raw
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: what a message echoes of the file stays short."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def data_root(raw: dict) -> Path | None:
+    """The params' ``data.root`` when it is given as a string (its validation is the ``data`` section's)."""
+    data = raw.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    return Path(root) if isinstance(root, str) else None
 
 
 def section(raw: dict, name: str, model: type[S] | None = None, *, path: str | Path = "params.yaml") -> S:
@@ -171,7 +244,7 @@ def section(raw: dict, name: str, model: type[S] | None = None, *, path: str | P
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join([name, *map(str, error["loc"])]) if error["loc"] else name
-        given = f" (got {error['input']!r})" if error["type"] != "missing" and error["loc"] else ""
+        given = f" (got {_cut(repr(error['input']))})" if error["type"] != "missing" and error["loc"] else ""
         raise ParamsError(f"{path}: {key}: {error['msg']}{given}") from None
 
 

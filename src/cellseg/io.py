@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -19,18 +20,40 @@ from PIL import Image, UnidentifiedImageError
 from cellseg.errors import DataError
 
 
+MARKER = ".cellseg-output"
+MARKER_TEXT = "Written by cellseg, which may replace this folder as a whole (delete this file to keep it from that).\n"
+
+
+def replaceable(folder: Path) -> bool:
+    """Whether cellseg may replace ``folder`` as a whole: it is absent, empty, or holds cellseg's :data:`MARKER`."""
+    return not folder.is_dir() or (folder / MARKER).is_file() or not any(folder.iterdir())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it.
 
-    The previous content of ``path`` (file or directory) stays intact until the new one is complete.
+    The previous content of ``path`` stays intact until the new one is complete. A directory is written with
+    cellseg's :data:`MARKER` in it, and only a folder that is :func:`replaceable` is replaced (through a link,
+    its target). Debris of a killed run (its temporary path, a previous output set aside) is cleared first.
     """
     final = Path(path)
+    if directory and final.is_symlink():
+        final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_debris(final)
+    if directory and final.exists() and not final.is_dir():
+        raise DataError(f"{path}: is a file; this output is a folder")
+    if directory and not replaceable(final):
+        raise DataError(f"{path}: a folder that cellseg did not write (no {MARKER} file in it): refusing to replace it")
+    if not directory and final.is_dir() and not final.is_symlink():
+        raise DataError(f"{path}: is a folder; this output is a file")
+    prefix = f".{final.name}.{os.getpid()}."
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
+        (tmp / MARKER).write_text(MARKER_TEXT)
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
     try:
@@ -39,13 +62,44 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
         _remove(tmp)
         raise
     if final.is_dir() and not final.is_symlink():
-        old = final.with_name(f".{final.name}.old")
-        _remove(old)
+        old = _set_aside(final)
         final.rename(old)
         tmp.rename(final)
         _remove(old)
     else:
         os.replace(tmp, final)
+
+
+def _set_aside(final: Path) -> Path:
+    """Where a directory output is moved while its replacement is renamed in."""
+    return final.with_name(f".{final.name}.old")
+
+
+def _clear_debris(final: Path) -> None:
+    """Remove what a killed writer of ``final`` left beside it: temporary paths of processes that are gone, and
+    the set-aside previous output (put back in place when the kill came between the two renames)."""
+    prefix = f".{final.name}."
+    for entry in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = entry.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            _remove(entry)
+    old = _set_aside(final)
+    if old.is_dir() and not old.is_symlink():
+        if final.exists():
+            _remove(old)
+        else:
+            old.rename(final)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -78,12 +132,10 @@ def write_parquet(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
         table.to_parquet(tmp, index=False)
 
 
-def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an 8-bit image as a uint8 H×W array; a clear :class:`DataError` names the file otherwise.
-
-    Grey with alpha and RGB images whose three channels are equal are converted; anything else
-    (16-bit, colour, palette with colours) is refused rather than silently altered.
-    """
+@contextlib.contextmanager
+def _open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
+    """The image file opened with PIL (header read, pixels not yet); a clear :class:`DataError` names the file
+    when it is missing, empty or not a readable image (a decompression bomb included)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file is missing")
@@ -91,11 +143,27 @@ def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"{path}: image file is empty")
     try:
         with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            array = np.asarray(image)
+            yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of an image file, from its header alone; errors as :func:`read_gray`'s."""
+    with _open_image(path) as image:
+        return image.size
+
+
+def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an 8-bit image as a uint8 H×W array; a clear :class:`DataError` names the file otherwise.
+
+    Grey with alpha and RGB images whose three channels are equal are converted; anything else
+    (16-bit, colour, palette with colours) is refused rather than silently altered.
+    """
+    with _open_image(path) as image:
+        image.load()
+        mode = image.mode
+        array = np.asarray(image)
     if mode == "L":
         return array
     if mode == "LA":

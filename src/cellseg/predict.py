@@ -1,7 +1,7 @@
 """``cellseg predict``: segment new images (no annotations needed) with a trained checkpoint.
 
 Writes, in one directory (created atomically; an existing non-empty one is only replaced with
-``overwrite``): ``labels/<stem>.png`` (uint16 instance labels), ``predictions.json`` (COCO results with
+``overwrite``, and only when cellseg wrote it: :mod:`cellseg.outputs`): ``labels/<stem>.png`` (uint16 instance labels), ``predictions.json`` (COCO results with
 the predicted class and score per instance, plus the image list with each image's predicted cell type) and
 ``submission.csv`` in the Kaggle format (``id,predicted``:
 one row per instance, competition RLE, masks non-overlapping; an image with no instance gets one row with
@@ -22,19 +22,28 @@ from tqdm import tqdm
 from cellseg import rle
 from cellseg.errors import DataError
 from cellseg.inference import coco_results, load_predictor
-from cellseg.io import atomic_path, read_gray, write_json, write_png
+from cellseg.io import atomic_path, image_size, read_gray, write_json, write_png
+from cellseg.outputs import Kind, check_outputs
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+MAX_PIXELS = 4096 * 4096  # 46 Sartorius images' worth
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """The image files named, or found (sorted) in the directories named; stems must be unique."""
+    """The image files named, or found (sorted) in the directories named; stems must be unique, and each file
+    a readable image of at most :data:`MAX_PIXELS` (its header is read). What a directory holds besides images
+    (by suffix: :data:`IMAGE_SUFFIXES`) is left, with a warning that lists it."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(item.iterdir())
+            found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            if others := [p.name for p in entries if p not in found]:
+                log.warning("%s: left %d entr(ies) that are not image files (%s): %s", item, len(others),
+                            ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
+            paths += found
         elif item.exists():
             paths.append(item)
         else:
@@ -44,6 +53,12 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     stems = pd.Series([p.stem for p in paths])
     if stems.duplicated().any():
         raise DataError(f"two input images share the id {stems[stems.duplicated()].iloc[0]!r}; ids are file stems")
+    for path in paths:
+        width, height = image_size(path)
+        if width * height > MAX_PIXELS:
+            raise DataError(
+                f"{path}: {width}x{height} pixels, more than cellseg segments in one piece ({MAX_PIXELS:,}); crop or tile it"
+            )
     return paths
 
 
@@ -74,8 +89,7 @@ def predict_images(
 ) -> dict[str, int]:
     """Segment every input image and write the outputs described in the module docstring."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    check_outputs([(out, Kind.TREE)], [*map(Path, inputs), Path(checkpoint)], overwrite=overwrite)
     paths = find_images(inputs)
     predictor = load_predictor(checkpoint, device)
     images_meta, results, rows = [], [], []

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from cellseg import distributed
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import TrainParams
-from cellseg.errors import DataError, TrainingError
+from cellseg.devices import free_memory, pick_device
+from cellseg.errors import DataError, ParamsError, TrainingError
 from cellseg.io import atomic_path, write_json
 from cellseg.plots import training_curves
 from cellseg.tracking import DatasetInput, Tracker
@@ -49,6 +50,7 @@ class Task(Protocol):
 
     name: str  # model name, stored in checkpoints
     monitor: str  # validation metric that selects best.pt (higher is better)
+    train_bytes_per_pixel: float  # memory a training step takes per input pixel, at least (measured on the CPU)
 
     def train_step(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         """Losses of one batch: ``"loss"`` (to minimise) plus any detached per-batch statistics.
@@ -58,11 +60,6 @@ class Task(Protocol):
 
     def validate(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict[str, float]:
         """Validation metrics over the whole validation set (must include ``monitor``)."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; otherwise the named torch device."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 def mixed_precision(device: torch.device, requested: bool) -> bool:
@@ -140,6 +137,24 @@ class EpochLog:
             writer.writerows(history)
 
 
+def check_memory(task: Task, train_set: Dataset, batch_size: int, device: torch.device) -> None:
+    """Refuse, before any work, a batch that cannot fit in the memory ``device`` has free: ``batch_size`` × the
+    first training sample's pixels × ``task.train_bytes_per_pixel`` (a lower bound; no check where free memory
+    cannot be told)."""
+    free = free_memory(device)
+    if free is None or len(train_set) == 0:
+        return
+    sample = train_set[0]
+    image = sample["image"] if isinstance(sample, Mapping) else sample[0]
+    pixels = math.prod(image.shape[-2:])
+    need = batch_size * pixels * task.train_bytes_per_pixel
+    if need > free:
+        raise ParamsError(
+            f"train.{task.name}.batch_size: {batch_size} samples of {pixels:,} pixels need about {need / 2**30:.1f} GiB "
+            f"to train, more than the {free / 2**30:.1f} GiB free on {device}; lower it (or the sample size)"
+        )
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -178,6 +193,7 @@ def fit(
     # Alike on every rank: their random streams stay alike, so that rank 0's saved RNG state resumes them all.
     seed_everything(config.seed)
     with distributed.session(pick_device(config.device)) as device:
+        check_memory(task, train_set, config.batch_size, device)
         cuda = device.type == "cuda"
         model.to(device)
         if config.channels_last:

@@ -37,6 +37,12 @@ STAGE_ARGS: dict[str, list[str]] = {
         "--models", "models/maskrcnn", "--metrics", "metrics/maskrcnn",
     ],
     "synthesize": ["--out", "synth"],
+    "evaluate": [
+        "--decoded", "decoded", "--split", "split.json", "--coco", "coco/coco_val.json",
+        "--checkpoints", "models/unet/best.pt", "models/maskrcnn/best.pt",
+        "--histories", "metrics/unet/epochs.csv", "metrics/maskrcnn/epochs.csv",
+        "--metrics", "metrics/evaluate.json", "--plots", "plots", "--report", "reports/compare.md",
+    ],
 }
 OUTPUTS: dict[str, list[str]] = {
     "decode": ["decoded"],
@@ -46,6 +52,8 @@ OUTPUTS: dict[str, list[str]] = {
     "train_maskrcnn": ["models/maskrcnn/best.pt", "metrics/maskrcnn"],
     "synthesize": ["synth"],
     "predict": ["pred"],
+    "synth": ["synth"],
+    "evaluate": ["metrics/evaluate.json", "plots", "reports/compare.md"],
 }
 NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the stage runs
     "decode": (),
@@ -55,6 +63,8 @@ NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the 
     "train_unet": ("decoded", "split", "patches"),
     "train_maskrcnn": ("decoded", "split", "coco"),
     "predict": (),
+    "synth": (),
+    "evaluate": (),  # its cases fail on the command line's paths, before any input is read
 }
 
 
@@ -65,9 +75,10 @@ class World:
     root: Path
     work: Path
     params: dict
-    params_text: str | None = None  # written verbatim instead of ``params`` when set
+    params_text: str | bytes | None = None  # written verbatim instead of ``params`` when set
     params_arg: str = "params.yaml"
     model: str = "model.pt"  # predict: the checkpoint given to --model
+    args: list[str] | None = None  # the command's arguments, in place of the stage's usual ones
 
     @property
     def csv(self) -> Path:
@@ -89,7 +100,8 @@ class World:
 
     def write_params(self) -> None:
         text = self.params_text if self.params_text is not None else yaml.safe_dump(self.params)
-        (self.work / "params.yaml").write_text(text)
+        target = self.work / "params.yaml"
+        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
 
 
 ASTRO = "as1000000000"  # rows 8-10 of train.csv; sh0000000000 is rows 2-4, sh0000000001 rows 5-7
@@ -143,10 +155,14 @@ def prepare(w: World, stage: str) -> None:
 
 
 def command(w: World, stage: str) -> list[str]:
+    """The command line of ``stage``: a stage script, or ``cellseg predict`` / ``cellseg synth``."""
     if stage == "predict":
-        return [sys.executable, "-m", "cellseg.cli", "predict", "--model", str(w.work / w.model), "images",
-                "--out", "pred", "--device", "cpu"]
-    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), "--params", w.params_arg, *STAGE_ARGS[stage]]
+        args = ["--model", str(w.work / w.model), "images", "--out", "pred", "--device", "cpu"]
+        return [sys.executable, "-m", "cellseg.cli", "predict", *(w.args or args)]
+    if stage == "synth":
+        return [sys.executable, "-m", "cellseg.cli", "synth", *(w.args or ["--out", "synth", "--images", "1"])]
+    args = w.args if w.args is not None else STAGE_ARGS[stage]
+    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), "--params", w.params_arg, *args]
 
 
 def run(w: World, stage: str) -> subprocess.CompletedProcess:

@@ -145,6 +145,7 @@ class UNetTask:
 
     name = "unet"
     monitor = "map"
+    train_bytes_per_pixel = 2500  # EfficientNet-B0, decoder 128..16: 2.6-3.3 kB measured (batch 4-16, 128-256 px)
     # smp's EfficientNet encoders keep their classifier's last convolution and BatchNorm (encoder._conv_head,
     # encoder._bn1), which the U-Net never uses: DistributedDataParallel must look for unused parameters, or
     # it fails at the second step.
