@@ -20,7 +20,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from cellseg import config, rle
-from cellseg.data import ImageStore, PatchDataset, build_augmentations
+from cellseg.augment import build_augmentations
+from cellseg.data import ImageStore, PatchDataset
 from cellseg.decode import LABELS_DIR
 from cellseg.io import read_labels
 from cellseg.metrics import image_score

@@ -29,7 +29,7 @@ from measure import Result
 
 from cellseg.decode import IMAGES_TABLE
 from cellseg.models.maskrcnn import InstanceDataset
-from cellseg.sources import load_source
+from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 

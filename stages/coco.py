@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import In, Out, guarded, stage_args
+from cellseg.stage import In, Out, guarded, stage_args
 from cellseg.coco import to_coco, write_coco
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE
 from cellseg.errors import DataError

@@ -3,10 +3,10 @@
 import sys
 
 from cellseg import config
-from cellseg.cli import In, Out, guarded, stage_args
+from cellseg.stage import Out, guarded, stage_args
 from cellseg.decode import decode_dataset
 from cellseg.outputs import Kind
-from cellseg.sources import load_source
+from cellseg.sources.read import load_source
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from cellseg import config
 from cellseg.checkpoint import load_checkpoint
-from cellseg.cli import In, Out, guarded, stage_args
+from cellseg.stage import In, Out, guarded, stage_args
 from cellseg.data import ImageStore
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.evaluate import evaluate_predictor
@@ -42,7 +42,7 @@ def main() -> None:
     val = json.loads(args.split.read_text())["val"]
     store = ImageStore(Path(data.root), args.decoded, val)
     coco_gt = json.loads(args.coco.read_text())
-    device = pick_device(config.section(raw, "train", path=args.params).unet.device)
+    train = config.section(raw, "train", path=args.params)
 
     evaluations, checkpoints, histories = [], {}, {}
     for path, history in zip(args.checkpoints, args.histories):
@@ -52,6 +52,7 @@ def main() -> None:
             raise ParamsError(f"--checkpoints: two checkpoints of model {name!r}")
         checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
         current = config.section(raw, name, path=args.params)  # today's thresholds, not those stored at training
+        device = pick_device(getattr(train, name).device)  # each model on its own train.<model>.device
         predictor = load_predictor(path, device, postprocess_params(current, name))
         evaluations.append(evaluate_predictor(predictor, store, val, coco_gt))
     write_json(args.metrics, {e.name: e.metrics for e in evaluations})

@@ -5,7 +5,7 @@ import sys
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import In, Out, guarded, stage_args
+from cellseg.stage import In, Out, guarded, stage_args
 from cellseg.decode import IMAGES_TABLE
 from cellseg.io import write_json
 from cellseg.outputs import Kind

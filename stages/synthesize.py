@@ -3,7 +3,7 @@
 import sys
 
 from cellseg import config
-from cellseg.cli import In, Out, guarded, stage_args
+from cellseg.stage import Out, guarded, stage_args
 from cellseg.outputs import Kind
 from cellseg.sources.synthetic import synthesize
 

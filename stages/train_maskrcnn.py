@@ -3,9 +3,9 @@
 import sys
 
 from cellseg import config
-from cellseg.cli import In, Out, guarded, stage_args
-from cellseg.coco import coco_to_source
-from cellseg.data import build_augmentations
+from cellseg.stage import In, Out, guarded, stage_args
+from cellseg.sources.coco import coco_to_source
+from cellseg.augment import build_augmentations
 from cellseg.models.maskrcnn import InstanceDataset, MaskRCNNTask, build_maskrcnn, collate
 from cellseg.tracking import run_record, training_tracker
 from cellseg.outputs import Kind

@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from cellseg import config
-from cellseg.cli import In, Out, guarded, stage_args
-from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, build_augmentations
+from cellseg.stage import In, Out, guarded, stage_args
+from cellseg.augment import build_augmentations
+from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.outputs import Kind
 from cellseg.train import seed_everything, train_tracked

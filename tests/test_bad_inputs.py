@@ -555,7 +555,7 @@ def test_what_the_machine_refuses_is_one_line_too(capsys: pytest.CaptureFixture[
     and the atomic output it was writing leaves nothing behind."""
     import errno
 
-    from cellseg.cli import guarded
+    from cellseg.stage import guarded
     from cellseg.io import atomic_path
 
     def fill_the_disk() -> None:

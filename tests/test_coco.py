@@ -19,11 +19,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cellseg import rle
-from cellseg.coco import CATEGORY_IDS, LIVECELL_JSON, coco_to_rle, coco_to_source, rle_to_coco, to_coco, write_coco
+from cellseg.coco import CATEGORY_IDS, to_coco, write_coco
+from cellseg.cocorle import coco_to_rle, rle_to_coco
+from cellseg.sources.coco import LIVECELL_JSON, coco_to_source
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, LABELS_DIR, decode_dataset
 from cellseg.errors import DataError
 from cellseg.io import read_labels
-from cellseg.sources import CELL_TYPES, load_source
+from cellseg.celltypes import CELL_TYPES
+from cellseg.sources.read import load_source
 from cellseg.sources.kaggle import read_kaggle
 from cellseg.sources.synthetic import synthesize
 from cellseg.split import make_split
@@ -266,7 +269,7 @@ def test_livecell_exact_duplicate_is_dropped_with_one_warning(tmp_path: Path, ca
     root = _livecell_dir(tmp_path)
     clean = coco_to_source(root / LIVECELL_JSON, root)
     _repeat_annotation(root)
-    with caplog.at_level(logging.WARNING, logger="cellseg.coco"):
+    with caplog.at_level(logging.WARNING, logger="cellseg.sources.coco"):
         data = coco_to_source(root / LIVECELL_JSON, root)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "dropped 1 annotation(s) that repeat an earlier one of the same image exactly: annotation 103 (#3)" in warning

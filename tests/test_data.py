@@ -11,13 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cellseg.augment import AUGMENTATIONS, build_augmentations
 from cellseg.data import (
-    AUGMENTATIONS,
     IGNORE_INDEX,
     ImageStore,
     PatchDataset,
     WholeImageDataset,
-    build_augmentations,
     normalize,
     targets_from_labels,
 )
@@ -25,7 +24,8 @@ from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, LABELS_DIR, decode_dat
 from cellseg.errors import DataError, ParamsError
 from cellseg.io import write_png
 from cellseg.patches import sample_patches
-from cellseg.sources import CELL_TYPES, load_source
+from cellseg.celltypes import CELL_TYPES
+from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 MEAN, STD = 0.5, 0.25

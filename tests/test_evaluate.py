@@ -13,9 +13,11 @@ from cellseg.coco import to_coco
 from cellseg.data import ImageStore
 from cellseg.decode import decode_dataset
 from cellseg.evaluate import evaluate_predictor
-from cellseg.inference import Instances, coco_results
+from cellseg.inference import coco_results
+from cellseg.instances import Instances
 from cellseg.report import strengths, write_plots, write_report
-from cellseg.sources import CELL_TYPES, load_source
+from cellseg.celltypes import CELL_TYPES
+from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 

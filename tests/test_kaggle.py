@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from cellseg.errors import DataError, ParamsError
-from cellseg.sources import load_source, subset
+from cellseg.sources import subset
+from cellseg.sources.read import load_source
 from cellseg.sources.kaggle import CSV_COLUMNS, METADATA_COLUMNS, read_kaggle
 
 LOGGER = "cellseg.sources.kaggle"

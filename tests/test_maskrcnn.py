@@ -13,12 +13,16 @@ from torch.utils.data import DataLoader
 
 from cellseg.checkpoint import save_checkpoint
 from cellseg.config import MaskRCNNParams
-from cellseg.data import ImageStore, build_augmentations
+from cellseg.augment import build_augmentations
+from cellseg.data import ImageStore
 from cellseg import rle
-from cellseg.coco import coco_to_source, to_coco, write_coco
+from cellseg.coco import to_coco, write_coco
+from cellseg.sources.coco import coco_to_source
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset, decode_image
 from cellseg.errors import DataError, ParamsError, ResourceError
-from cellseg.inference import UNKNOWN_CLASS, Instances, load_predictor, majority_class
+from cellseg.celltypes import UNKNOWN_CLASS
+from cellseg.inference import load_predictor
+from cellseg.instances import Instances, majority_class
 from cellseg.models.maskrcnn import (
     InstanceDataset,
     MaskRCNNTask,
@@ -29,7 +33,9 @@ from cellseg.models.maskrcnn import (
     predict_instances,
     target_labels,
 )
-from cellseg.sources import CELL_TYPES, SourceData, load_source
+from cellseg.celltypes import CELL_TYPES
+from cellseg.sources import SourceData
+from cellseg.sources.read import load_source
 from cellseg.sources.kaggle import read_kaggle
 from cellseg.sources.synthetic import synthesize
 

@@ -50,7 +50,7 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_augment_names_are_the_data_modules() -> None:
     """The params accept exactly the augmentations :mod:`cellseg.data` builds."""
-    from cellseg.data import AUGMENTATIONS
+    from cellseg.augment import AUGMENTATIONS
 
     assert config.section({"unet": {"augment": list(AUGMENTATIONS)}}, "unet").augment == list(AUGMENTATIONS)
     with pytest.raises(ParamsError, match="maskrcnn.augment.1: Value error, unknown augmentation 'spin'; the names are hflip"):

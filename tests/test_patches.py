@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
 from cellseg.errors import DataError, ParamsError
 from cellseg.patches import PATCH_COLUMNS, sample_patches
-from cellseg.sources import load_source
+from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 

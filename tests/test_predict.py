@@ -20,11 +20,11 @@ from cellseg.checkpoint import save_checkpoint
 from cellseg.cli import build_parser
 from cellseg.config import UNetParams
 from cellseg.errors import DataError
-from cellseg.inference import UNetPredictor
+from cellseg.models.unet import UNetPredictor
 from cellseg.io import MARKER, read_labels
 from cellseg.models.unet import build_unet
 from cellseg.predict import predict_images, submission_rows
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES, category_id
 
 CPU = torch.device("cpu")
 
@@ -100,7 +100,7 @@ def test_unet_cells_get_the_heads_cell_type_and_its_min_size(cell_type: str, n_c
     image[5:15, 5:15] = image[30:36, 50:56] = 40
     params = UNetParams(encoder="resnet18", min_size={"shsy5y": 1, "cort": 50, "astro": 1000})
     (found,) = UNetPredictor(DarkCells(cell_type), params, CPU).predict([image])
-    assert found.image_type == cell_type and found.image_class == CELL_TYPES.index(cell_type) + 1
+    assert found.image_type == cell_type and found.image_class == category_id(cell_type)
     assert len(found) == int(found.labels.max()) == n_cells
     assert found.classes.tolist() == [found.image_class] * n_cells
     assert found.scores.tolist() == pytest.approx([1.0] * n_cells)

@@ -16,7 +16,7 @@ from cellseg.errors import ParamsError
 from cellseg.io import MARKER
 from cellseg.rle import decode, encode
 from cellseg.sources import synthetic
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 from cellseg.sources.synthetic import synthesize
 
 SHAPE = (520, 704)

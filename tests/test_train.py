@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader, default_collate
 
 from cellseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from cellseg.config import TrainParams, UNetParams
-from cellseg.data import IGNORE_INDEX, PatchDataset, WholeImageDataset, build_augmentations
+from cellseg.augment import build_augmentations
+from cellseg.data import IGNORE_INDEX, PatchDataset, WholeImageDataset
 from cellseg.errors import DataError, TrainingError
 from cellseg.models.unet import UNetTask, build_unet
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 from cellseg.tracking import Tracker, dataset_input, open_tracker, run_record
 from cellseg.train import autocast, fit, mixed_precision, train_tracked, warmup_cosine
 from helpers.fit_job import MEAN, STD, TinyNet, config, new_model, stable

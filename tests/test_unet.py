@@ -10,7 +10,7 @@ import torch
 
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.models.unet import build_unet
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 
 ENCODER = "resnet18"  # small and quick to build on CPU
 

@@ -32,7 +32,7 @@ def _check_device(name: str) -> str:
 
 
 def _check_augment(name: str) -> str:
-    from cellseg.data import AUGMENTATIONS  # imports albumentations: only where augmentations are validated
+    from cellseg.augment import AUGMENTATIONS  # imports albumentations: only where augmentations are validated
 
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; the names are {', '.join(AUGMENTATIONS)}")

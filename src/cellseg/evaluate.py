@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from cellseg.data import ImageStore
-from cellseg.inference import Instances, Predictor, coco_results
-from cellseg.sources import CELL_TYPES
+from cellseg.inference import coco_results
+from cellseg.instances import Instances, Predictor
+from cellseg.celltypes import category_id
 from cellseg.metrics import CompetitionScore, coco_ap, iou_dice, pixel_counts
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def evaluate_predictor(
                 pixels[group] = pixels.get(group, 0) + np.array(pixel_counts(instances.labels > 0, truth > 0))
                 counts[group] = counts.get(group, 0) + np.array([_n_instances(truth), len(instances)])
                 images_typed[group] = images_typed.get(group, 0) + np.array([instances.image_type == cell_type, 1])
-            typed += (np.count_nonzero(instances.classes == CELL_TYPES.index(cell_type) + 1), len(instances))
+            typed += (np.count_nonzero(instances.classes == category_id(cell_type)), len(instances))
             results += coco_results(instances, coco_id[image_id])
             predictions[image_id] = instances
     metrics = _summarize(score, pixels, counts, coco_gt, results)

@@ -12,10 +12,10 @@ import pandas as pd
 from cellseg.data import ImageStore
 from cellseg.evaluate import ModelEvaluation
 from cellseg.io import atomic_path
+from cellseg.registry import MODELS
 from cellseg.plots import bars_by_cell_type, compare_curves, overlay, score_vs_threshold
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 
-DISPLAY = {"unet": "U-Net (EfficientNet-B0)", "maskrcnn": "Mask R-CNN (R50-FPN v2)"}
 COLUMNS = (
     ("n_pred", "cells found"),
     ("map", "mAP@.5:.95 (competition)"),
@@ -43,7 +43,7 @@ def comparison_table(evaluations: Sequence[ModelEvaluation], groups: Sequence[st
     for group in groups:
         truth = _fmt(_value(evaluations[0].metrics, "n_true", group), "n_true")
         for e in evaluations:
-            row = [group, truth, DISPLAY.get(e.name, e.name), *(_fmt(_value(e.metrics, k, group), k) for k, _ in COLUMNS)]
+            row = [group, truth, MODELS[e.name].display, *(_fmt(_value(e.metrics, k, group), k) for k, _ in COLUMNS)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -52,14 +52,14 @@ def strengths(evaluations: Sequence[ModelEvaluation], groups: Sequence[str]) -> 
     """One sentence per cell type naming the better model by the competition mAP, with the margin (or saying
     that none leads when their mAPs round alike)."""
     sentences = [
-        f"- **{DISPLAY.get(e.name, e.name)} found no cell** above its score thresholds: it is undertrained (see its "
+        f"- **{MODELS[e.name].display} found no cell** above its score thresholds: it is undertrained (see its "
         "training curves); the CPU default trains it for a few steps only, the full recipe (README) on a GPU for real."
         for e in evaluations
         if e.metrics.get("n_pred") == 0
     ]
     for group in groups:
         scored = sorted(
-            ((_value(e.metrics, "map", group) or 0.0, DISPLAY.get(e.name, e.name)) for e in evaluations), reverse=True
+            ((_value(e.metrics, "map", group) or 0.0, MODELS[e.name].display) for e in evaluations), reverse=True
         )
         if len(scored) > 1:
             (best, name), (second, other) = scored[0], scored[1]
@@ -97,7 +97,7 @@ def write_plots(
             names = None
             if any(found.classes):  # a model that names cell types: type and confidence at each cell
                 names = [f"{CELL_TYPES[c - 1] if c else 'cell'} {s:.2f}" for c, s in zip(found.classes, found.scores)]
-            caption = f"Overlay: {DISPLAY.get(e.name, e.name)} on a {cell_type} image"
+            caption = f"Overlay: {MODELS[e.name].display} on a {cell_type} image"
             plots[caption] = plots_dir / f"overlay_{e.name}_{cell_type}.png"
             overlay(store.image(image_id), found.labels, plots[caption], f"{e.name} · {cell_type} · {image_id}", names)
     return plots
@@ -134,7 +134,7 @@ def write_report(
         "overlapping masks are resolved in favour of the more confident cell.",
     ]
     for e in evaluations:
-        line = f"- {DISPLAY.get(e.name, e.name)}: inference at {e.metrics['images_per_s']:.1f} images/s on this machine"
+        line = f"- {MODELS[e.name].display}: inference at {e.metrics['images_per_s']:.1f} images/s on this machine"
         if e.metrics.get("image_type_accuracy") is not None:
             line += f"; it names the cell type of {100 * e.metrics['image_type_accuracy']:.1f}% of the images"
         if e.metrics.get("type_accuracy", float("nan")) == e.metrics.get("type_accuracy"):  # present and not NaN
@@ -145,7 +145,7 @@ def write_report(
         lines += [f"### {caption}", "", f"![{caption}]({Path(os.path.relpath(plot, path.parent)).as_posix()})", ""]
     lines += ["## Params that produced them", ""]
     for name, values in params.items():
-        lines += [f"### {DISPLAY.get(name, name)}", "", "| param | value |", "|---|---|"]
+        lines += [f"### {MODELS[name].display}", "", "| param | value |", "|---|---|"]
         lines += [f"| `{key}` | `{value}` |" for key, value in values.items()]
         lines.append("")
     with atomic_path(path) as tmp:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from cellseg.config import UNetParams
 from cellseg.data import PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 from cellseg.tracking import open_tracker
 from cellseg.train import train_tracked
 from helpers.fit_job import config, datasets

@@ -24,7 +24,8 @@ from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
 from cellseg.models.unet import UNetTask
 from cellseg.patches import sample_patches
-from cellseg.sources import CELL_TYPES, load_source
+from cellseg.celltypes import CELL_TYPES
+from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 from cellseg.train import fit
 from cellseg.tracking import open_tracker

@@ -32,10 +32,11 @@ from cellseg.checkpoint import read_weights
 from cellseg.data import AugmentedDataset
 from cellseg.decode import instance_pixels, paint_order, read_source_image
 from cellseg.errors import DataError, ParamsError, ResourceError
-from cellseg.inference import Instances, majority_class
+from cellseg.instances import Instances, majority_class
 from cellseg.metrics import CompetitionScore
 from cellseg.postprocess import remove_overlaps
-from cellseg.sources import CELL_TYPES, SourceData
+from cellseg.celltypes import CELL_TYPES, category_id
+from cellseg.sources import SourceData
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
     return model
 
 
+def architecture(params: MaskRCNNParams) -> nn.Module:
+    """The Mask R-CNN ``params`` describe, without pretrained weights: a checkpoint's weights go in it."""
+    return build_maskrcnn(params.model_copy(update={"weights": "none"}))
+
+
 def _set_anchors(model: nn.Module, params: MaskRCNNParams) -> None:
     """One anchor size per FPN level, every aspect ratio at each; new RPN logits if the anchors per location change."""
     anchors = AnchorGenerator(
@@ -125,13 +131,6 @@ def _load_local(model: nn.Module, path: Path) -> None:
 # Data
 
 
-def category_id(cell_type: str) -> int:
-    """The category id (1-based) of a cell type."""
-    if cell_type not in CELL_TYPES:
-        raise DataError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
-    return CELL_TYPES.index(cell_type) + 1
-
-
 def instance_target(masks: np.ndarray, category: int) -> dict[str, torch.Tensor]:
     """Boxes (xyxy, exclusive max), labels and masks of an N×H×W uint8 stack; empty masks are left out."""
     rows, cols = masks.any(axis=2), masks.any(axis=1)
@@ -158,7 +157,7 @@ class InstanceDataset(AugmentedDataset):
     """Whole images (3×H×W in [0, 1], grey repeated; the model normalises) with their Mask R-CNN targets.
 
     Built from a :class:`~cellseg.sources.SourceData` — in the pipeline the ``coco`` stage's json read by
-    :func:`cellseg.coco.coco_to_source` — each instance keeps its own whole mask, overlaps with other cells
+    :func:`cellseg.sources.coco.coco_to_source` — each instance keeps its own whole mask, overlaps with other cells
     included (the label images of the ``decode`` stage would have trimmed them). Images and the instances'
     pixel indices are held in memory; the N×H×W mask stack is built per item. The augmentation moves image
     and masks together (seeded as :class:`~cellseg.data.AugmentedDataset` says); an instance it moves out of
@@ -174,7 +173,10 @@ class InstanceDataset(AugmentedDataset):
         self._pixels: list[np.ndarray] = []  # every instance's flat pixel indices, concatenated
         self._areas: list[np.ndarray] = []
         for image in data.images.itertuples(index=False):
-            self.categories.append(category_id(image.cell_type))  # fails now on an unknown type
+            if image.cell_type not in CELL_TYPES:  # fails now, not mid-training
+                known = ", ".join(CELL_TYPES)
+                raise DataError(f"{data.annotation_file}: unknown cell type {image.cell_type!r}; expected one of {known}")
+            self.categories.append(category_id(image.cell_type))
             pixels = read_source_image(data, image)
             indices = instance_pixels(by_image[image.image_id], pixels.shape, data.annotation_file)
             self.image_ids.append(image.image_id)

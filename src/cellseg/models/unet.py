@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 from cellseg.checkpoint import read_weights
 from cellseg.config import UNetParams
-from cellseg.data import IGNORE_INDEX
+from cellseg.data import IGNORE_INDEX, padded_input
 from cellseg.errors import ParamsError, ResourceError
+from cellseg.instances import Instances
 from cellseg.metrics import CompetitionScore, iou_dice
 from cellseg.postprocess import watershed_instances
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 
 PARAM = "unet.encoder_weights"
 BN_MOMENTUM = 0.1
@@ -57,6 +58,14 @@ def build_unet(
                 f"check the network, or set {PARAM}: none (random init) or the path of a local weights file"
             ) from exc
     return _load_local(encoder, Path(weights), in_channels, classes, decoder_channels)
+
+
+def architecture(params: UNetParams) -> torch.nn.Module:
+    """The U-Net ``params`` describe, randomly initialised: a checkpoint's weights go in it."""
+    return build_unet(
+        encoder=params.encoder, weights="none", in_channels=params.channels, classes=3,
+        decoder_channels=params.decoder_channels,
+    )
 
 
 def unet_instances(probs: np.ndarray, cell_type: str, params: UNetParams) -> np.ndarray:
@@ -230,3 +239,40 @@ def _foreground_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[int,
     pred = (logits.argmax(dim=1) != 0) & valid
     true = (target != 0) & valid
     return int((pred & true).sum()), int(pred.sum()), int(true.sum())
+
+
+class UNetPredictor:
+    """U-Net probabilities → marker-controlled watershed instances, all of the image's predicted cell type."""
+
+    name = "unet"
+
+    def __init__(self, model: torch.nn.Module, params: UNetParams, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.params = params
+        self.device = device
+
+    @torch.inference_mode()
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(3, H, W) class probabilities of one whole image (padded to a multiple of 32 for the network) and
+        its cell-type probabilities (one per ``CELL_TYPES``)."""
+        height, width = image.shape
+        tensor, _ = padded_input(image, self.params.mean, self.params.std, self.params.channels)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            logits, type_logits = self.model(tensor.unsqueeze(0).to(self.device))
+        probs = logits.float().softmax(dim=1)[0, :, :height, :width].cpu().numpy()
+        return probs, type_logits.float().softmax(dim=1)[0].cpu().numpy()
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        results = []
+        for image in images:
+            probs, type_probs = self.probabilities(image)
+            type_index = int(type_probs.argmax())
+            labels = unet_instances(probs, CELL_TYPES[type_index], self.params)
+            n = int(labels.max())
+            foreground = probs[1] + probs[2]
+            sums = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=n + 1)[1:]
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            scores = sums / np.maximum(sizes, 1)
+            classes = np.full(n, type_index + 1, dtype=np.int64)
+            results.append(Instances(labels, classes, scores.astype(np.float32), image_class=type_index + 1))
+        return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellseg.errors import ParamsError
 
-CELL_TYPES: tuple[str, ...] = ("shsy5y", "astro", "cort")
 
 IMAGE_COLUMNS: tuple[str, ...] = (
     "image_id",
@@ -26,6 +25,8 @@ IMAGE_COLUMNS: tuple[str, ...] = (
     "row",
 )
 ANNOTATION_COLUMNS: tuple[str, ...] = ("image_id", "row", "annotation")
+IMAGE_METADATA: tuple[str, ...] = ("sample_id", "plate_time", "sample_date", "elapsed_timedelta")
+SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # an image id that is a safe file name (with "." and ".." refused)
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,3 @@ def subset(data: SourceData, limit: int | None, seed: int) -> SourceData:
     keep = data.images[data.images["image_id"].isin(chosen)].reset_index(drop=True)
     annotations = data.annotations[data.annotations["image_id"].isin(chosen)].reset_index(drop=True)
     return SourceData(data.root, data.annotation_file, keep, annotations)
-
-
-def load_source(source: str, root: str | Path, *, limit_images: int | None = None, seed: int = 0) -> SourceData:
-    """Read the data set at ``root`` in the format named by ``source`` and take the subset asked for."""
-    from cellseg.coco import read_livecell
-    from cellseg.sources.kaggle import read_kaggle
-
-    readers = {"kaggle": read_kaggle, "synthetic": read_kaggle, "livecell": read_livecell}
-    if source not in readers:
-        raise ParamsError(f"data.source: unknown source {source!r}; expected one of {', '.join(readers)}")
-    return subset(readers[source](root), limit_images, seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from cellseg.errors import DataError
-from cellseg.sources import CELL_TYPES, IMAGE_COLUMNS, SourceData, listing
+from cellseg.celltypes import CELL_TYPES
+from cellseg.sources import IMAGE_COLUMNS, SAFE_ID, SourceData, listing
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ CSV_COLUMNS: tuple[str, ...] = (
     "elapsed_timedelta",
 )
 METADATA_COLUMNS: tuple[str, ...] = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta")
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _FIRST_DATA_LINE = 2  # line 1 is the header
 _MAX_SIDE = 2**31 - 1  # width/height beyond this cannot be an image's (and would overflow the int64 cast)
 
@@ -136,7 +135,7 @@ def _fail(csv_path: Path, rows: pd.Series | pd.DataFrame, problem: str) -> None:
 
 
 def _check_values(table: pd.DataFrame, csv_path: Path) -> None:
-    bad_id = ~table["id"].map(lambda s: bool(_SAFE_ID.fullmatch(s)) and s not in (".", ".."))
+    bad_id = ~table["id"].map(lambda s: bool(SAFE_ID.fullmatch(s)) and s not in (".", ".."))
     if bad_id.any():
         _fail(csv_path, table[bad_id], "id is not a safe file name (letters, digits, '.', '_', '-' only; no path separators or '..')")
     unknown = ~table["cell_type"].isin(CELL_TYPES)

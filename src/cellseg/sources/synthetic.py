@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from cellseg import io
 from cellseg.errors import ParamsError
-from cellseg.sources import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES
 from cellseg.sources.kaggle import CSV_COLUMNS
 
 log = logging.getLogger(__name__)

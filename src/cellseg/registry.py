@@ -1,0 +1,47 @@
+"""The models cellseg trains, one entry each: all that inference, evaluation and the report know of a model.
+
+A model is added with one module under ``cellseg/models/``, one entry in :data:`MODELS`, its params section
+(:mod:`cellseg.config`) and its training stage; nothing else branches on model names. (A module of its own,
+not ``cellseg/models/__init__.py``: importing a model module runs its package first, which would import every
+model module in turn.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from cellseg.config import MaskRCNNParams, UNetParams
+from cellseg.instances import Predictor
+from cellseg.models import maskrcnn, unet
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What is known of one model."""
+
+    name: str  # as checkpoints, metrics and params sections name it
+    display: str  # as the report names it
+    params: type[BaseModel]  # its params section, stored in its checkpoints
+    postprocess: tuple[str, ...]  # the params inference may change without retraining (thresholds)
+    architecture: Callable[[Any], torch.nn.Module]  # the untrained model its params describe (no download)
+    predictor: Callable[[torch.nn.Module, Any, torch.device], Predictor]  # trained model → whole-image inference
+
+
+MODELS: dict[str, ModelEntry] = {
+    entry.name: entry
+    for entry in (
+        ModelEntry(
+            "unet", "U-Net (EfficientNet-B0)", UNetParams, ("marker_threshold", "mask_threshold", "min_size"),
+            unet.architecture, unet.UNetPredictor,
+        ),
+        ModelEntry(
+            "maskrcnn", "Mask R-CNN (R50-FPN v2)", MaskRCNNParams, ("mask_threshold", "score_threshold", "min_size"),
+            maskrcnn.architecture, maskrcnn.MaskRCNNPredictor,
+        ),
+    )
+}
