@@ -68,6 +68,11 @@ def load_checkpoint(path: str | os.PathLike[str], model_name: str | None = None)
         raise DataError(f"{path}: not a readable cellseg checkpoint (truncated, corrupt or unsafe: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path}: not a cellseg checkpoint (no '{FORMAT}' marker)")
+    return _verified(state, path, model_name)
+
+
+def _verified(state: dict[str, Any], path: Path, model_name: str | None) -> dict[str, Any]:
+    """A loaded cellseg checkpoint ``state`` without its hash, once its version, hash and model are checked."""
     if state.get("version") != VERSION:
         raise DataError(f"{path}: checkpoint format version {state.get('version')!r}; this cellseg reads {VERSION}")
     stored = state.pop(HASH, None)
@@ -90,9 +95,9 @@ def read_weights(path: Path, param: str, choices: str) -> dict[str, torch.Tensor
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except LOAD_ERRORS as exc:
         raise ParamsError(f"{param}: {path} is not a readable torch checkpoint ({type(exc).__name__})") from exc
-    if isinstance(checkpoint, Mapping) and checkpoint.get("format") == FORMAT:
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
         try:
-            load_checkpoint(path)  # a cellseg checkpoint: its content hash is verified
+            checkpoint = _verified(checkpoint, path, None)  # a cellseg checkpoint: its content hash is verified
         except DataError as exc:
             raise ParamsError(f"{param}: {exc}") from None
     if isinstance(checkpoint, Mapping):

@@ -20,8 +20,6 @@ from cellseg.errors import ParamsError
 MAX_PARAMS_BYTES = 1 << 20
 MAX_DEPTH = 32
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's and torch's seed range
-Device = Annotated[str, AfterValidator(lambda name: _check_device(name))]
-Augment = Annotated[str, AfterValidator(lambda name: _check_augment(name))]
 MinSize = dict[str, Annotated[int, Field(ge=0, le=1_000_000)]]
 
 
@@ -37,6 +35,10 @@ def _check_augment(name: str) -> str:
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; the names are {', '.join(AUGMENTATIONS)}")
     return name
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
+Augment = Annotated[str, AfterValidator(_check_augment)]
 
 
 class Section(BaseModel):
@@ -198,8 +200,8 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     or an unknown section, raises :class:`ParamsError`."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_PARAMS_BYTES:
-            raise ParamsError(f"{path}: {path.stat().st_size:,} bytes; a params file holds at most {MAX_PARAMS_BYTES:,}")
+        if (size := path.stat().st_size) > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: {size:,} bytes; a params file holds at most {MAX_PARAMS_BYTES:,}")
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file is missing") from None

@@ -29,6 +29,22 @@ def replaceable(folder: Path) -> bool:
     return not folder.is_dir() or (folder / MARKER).is_file() or not any(folder.iterdir())
 
 
+def refuse_to_replace(target: Path, name: str, *, folder: bool) -> None:
+    """Raise :class:`DataError` (naming the output ``name``) unless an output may be written at ``target``: a
+    folder (replaced as a whole) onto no file and only onto a :func:`replaceable` folder, a file onto no folder."""
+    if not folder:
+        if target.is_dir() and not target.is_symlink():
+            raise DataError(f"{name}: is a folder; this output is a file")
+        return
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{name}: is a file; this output is a folder")
+    if not replaceable(target):
+        raise DataError(
+            f"{name}: a folder that cellseg did not write (no {MARKER} file in it): refusing to replace it; "
+            "choose a new or empty folder"
+        )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it.
@@ -42,12 +58,7 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
         final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     _clear_debris(final)
-    if directory and final.exists() and not final.is_dir():
-        raise DataError(f"{path}: is a file; this output is a folder")
-    if directory and not replaceable(final):
-        raise DataError(f"{path}: a folder that cellseg did not write (no {MARKER} file in it): refusing to replace it")
-    if not directory and final.is_dir() and not final.is_symlink():
-        raise DataError(f"{path}: is a folder; this output is a file")
+    refuse_to_replace(final, str(path), folder=directory)
     prefix = f".{final.name}.{os.getpid()}."
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))

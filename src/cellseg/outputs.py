@@ -5,7 +5,8 @@ An output is one of three kinds:
 * ``FILE``: one file, replaced atomically (``split.json``, a report);
 * ``FOLDER``: a folder that named files are written into (``models/unet``), created when absent;
 * ``TREE``: a folder replaced as a whole (the decoded data set, ``cellseg predict --out``). It must be absent,
-  empty, or one that cellseg wrote: every tree holds the marker file :data:`cellseg.io.MARKER`.
+  empty, or one that cellseg wrote: every tree holds the marker file :data:`cellseg.io.MARKER`
+  (:func:`cellseg.io.refuse_to_replace`, which the atomic write checks again).
 
 Every output, judged by the path a link points to: is not the working directory nor one of its parents; does
 not equal, contain or lie inside an input (or another output, unless both are folders); is a file where a file
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellseg.errors import DataError
-from cellseg.io import MARKER, replaceable
+from cellseg.io import refuse_to_replace
 
 
 class Kind(enum.Enum):
@@ -68,17 +69,13 @@ def check_outputs(
         if not existing.is_dir():
             raise DataError(f"{name}: lies under {existing}, which is a file, not a folder")
         if kind is Kind.FILE:
-            if target.is_dir():
-                raise DataError(f"{name}: is a folder; this output is a file")
+            refuse_to_replace(target, name, folder=False)
             if target.exists() and not target.is_file():
                 raise DataError(f"{name}: is not a regular file; this output is a file")
             continue
-        if target.exists() and not target.is_dir():
+        if kind is Kind.FOLDER and target.exists() and not target.is_dir():
             raise DataError(f"{name}: is a file; this output is a folder")
-        if kind is Kind.TREE and not replaceable(target):
-            raise DataError(
-                f"{name}: a folder that cellseg did not write (no {MARKER} file in it): refusing to replace it; "
-                "choose a new or empty folder"
-            )
+        if kind is Kind.TREE:
+            refuse_to_replace(target, name, folder=True)
         if kind is Kind.TREE and not overwrite and target.is_dir() and any(target.iterdir()):
             raise DataError(f"{name}: already exists and is not empty; pass --overwrite to replace it")

@@ -40,7 +40,8 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             entries = sorted(item.iterdir())
             found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-            if others := [p.name for p in entries if p not in found]:
+            chosen = set(found)
+            if others := [p.name for p in entries if p not in chosen]:
                 log.warning("%s: left %d entr(ies) that are not image files (%s): %s", item, len(others),
                             ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
             paths += found
