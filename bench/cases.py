@@ -27,8 +27,15 @@ from cellseg.io import read_labels
 from cellseg.metrics import image_score
 
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"  # the one source of defaults
 LOOP, COCO, CELLSEG = "loop", "pycocotools", "cellseg"
 ENCODE_CHUNK = 256  # masks decoded at once (outside the clock) for the encoders: ~90 MB at 704×520
+
+
+def project_section(name: str, **changes: object) -> config.Section:
+    """The section ``name`` of the repository's ``params.yaml`` with ``changes`` to its keys, validated."""
+    section = config.load(name, PARAMS)
+    return type(section).model_validate({**section.model_dump(), **changes})
 
 
 # ---------------------------------------------------------------------------------------------------- 1: RLE
@@ -166,7 +173,7 @@ def stage_params(data_root: Path) -> dict:
     return {
         "data": {"source": "synthetic", "root": str(data_root), "limit_images": None, "seed": 0},
         "split": {"n_folds": 5, "fold": 1, "seed": 0},
-        "patches": config.PatchParams(size=256).model_dump(),
+        "patches": project_section("patches", size=256).model_dump(),
     }
 
 
@@ -204,12 +211,12 @@ def _pss_mb(process: psutil.Process) -> float:
 
 
 def patch_dataset(data_root: Path, decoded: Path, patches: Path, max_images: int) -> PatchDataset:
-    """The U-Net's training dataset (default params: windows, augmentations) over the first ``max_images`` images
+    """The U-Net's training dataset (params.yaml's: windows, augmentations) over the first ``max_images`` images
     of the patch index."""
     index = pd.read_parquet(patches)
     ids = list(dict.fromkeys(index["image_id"]))[:max_images]
     index = index[index["image_id"].isin(ids)]
-    unet = config.UNetParams()
+    unet = project_section("unet")
     store = ImageStore(data_root, decoded, ids, unet.boundary_width)
     return PatchDataset(index, store, build_augmentations(unet.augment, seed=0), unet.mean, unet.std, unet.channels)
 

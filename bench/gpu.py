@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from cases import project_section
 from measure import MB, Result, against
 from torch.utils.data import DataLoader, Dataset
 
-from cellseg.config import MaskRCNNParams
-from cellseg.models.maskrcnn import build_maskrcnn
+from cellseg.models.maskrcnn import build_maskrcnn, score_floor
 from cellseg.models.unet import build_unet
 
 SCHEDULE = 15 * 75_000  # the seed's U-Net schedule: 15 epochs of one 256-px window per cell
@@ -32,15 +32,17 @@ def _throughput(step: Callable[[], None], device: torch.device, warmup: int, ste
 
 
 def _unet_step(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One U-Net (EfficientNet-B0) training step: AMP and channels_last on CUDA, AdamW, cross-entropy."""
-    model = build_unet(encoder="efficientnet-b0").to(device).to(memory_format=torch.channels_last).train()
+    """One training step of params.yaml's U-Net (EfficientNet-B0): AMP and channels_last on CUDA, AdamW,
+    cross-entropy of the class logits."""
+    model = build_unet(project_section("unet")).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            loss = F.cross_entropy(model(images).float(), targets)
+            logits, _ = model(images)  # (class logits, cell-type logits)
+            loss = F.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -92,8 +94,10 @@ def unet_fed_training(device: torch.device, dataset: Dataset, workers: int, batc
 
 def maskrcnn(device: torch.device, samples: Sequence[tuple[torch.Tensor, dict]], scale: float,
              warmup: int = 3, steps: int = 10) -> list[Result]:
-    """Mask R-CNN training (AMP, AdamW) and inference images/s on ``InstanceDataset`` items, batch 2."""
-    model = build_maskrcnn(MaskRCNNParams(image_scale=scale)).to(device)
+    """Mask R-CNN training (AMP, AdamW) and inference images/s on ``InstanceDataset`` items, batch 2; params.yaml's
+    model at ``scale``, inferring with its score floor (as its predictor does)."""
+    model = build_maskrcnn(project_section("maskrcnn", image_scale=scale)).to(device)
+    score_floor(model, project_section("postprocess").maskrcnn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     scaler = torch.amp.GradScaler("cuda")
     images = [image.to(device) for image, _ in samples]

@@ -46,7 +46,7 @@ import yaml  # noqa: E402
 from cellseg import config  # noqa: E402
 from cellseg.data import ImageStore  # noqa: E402
 from cellseg.evaluate import evaluate_predictor  # noqa: E402
-from cellseg.inference import load_predictor, postprocess_params  # noqa: E402
+from cellseg.inference import load_predictor  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
 from cellseg.devices import pick_device  # noqa: E402
 
@@ -136,8 +136,8 @@ def pipeline(work: Path, params: Path, logs: Path, models: tuple[str, ...], *, s
     )
     if "maskrcnn" in models:
         seconds["train_maskrcnn"] = run_stage(
-            "train_maskrcnn", params, logs, coco_train=work / "coco/coco_train.json",
-            coco_val=work / "coco/coco_val.json", models=work / "models/maskrcnn", metrics=work / "metrics/maskrcnn",
+            "train_maskrcnn", params, logs, decoded=work / "decoded", split=work / "split.json",
+            models=work / "models/maskrcnn", metrics=work / "metrics/maskrcnn",
         )
     return seconds
 
@@ -150,12 +150,12 @@ def evaluate(params: Path, data: Path, models: Path, names: tuple[str, ...]) -> 
     store = ImageStore(Path(config.section(raw, "data").root), data / "decoded", val)
     coco_gt = json.loads((data / "coco/coco_val.json").read_text())
     device = pick_device("auto")
+    post = config.section(raw, "postprocess")
     results = {}
     for name in names:
         print(f"  evaluate {name} ...", end=" ", flush=True)
         began = time.perf_counter()
-        postprocess = postprocess_params(config.section(raw, name), name)
-        predictor = load_predictor(models / name / "best.pt", device, postprocess)
+        predictor = load_predictor(models / name / "best.pt", device, getattr(post, name))
         results[name] = evaluate_predictor(predictor, store, val, coco_gt).metrics
         print(f"{time.perf_counter() - began:.0f} s", flush=True)
     return results

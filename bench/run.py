@@ -27,9 +27,9 @@ from cases import loading, metric, patch_dataset, rle_codecs, stages
 from gpu import gpu
 from measure import Result
 
+from cellseg.data import ImageStore
 from cellseg.decode import IMAGES_TABLE
 from cellseg.models.maskrcnn import InstanceDataset
-from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 
@@ -102,7 +102,8 @@ def main() -> None:
         print("4: data loading ...", flush=True)
         parts["4"] = loading(data, decoded, work / "patches.parquet", max_images=64, batches=3 if args.quick else 40)
         print("5: GPU ...", flush=True)
-        instances = InstanceDataset(load_source("synthetic", data, limit_images=2))
+        two = images["image_id"].tolist()[:2]
+        instances = InstanceDataset(ImageStore(data, decoded, two), decoded, two)
         samples = [instances[i] for i in range(len(instances))]
         patches = partial(patch_dataset, data, decoded, work / "patches.parquet", max_images=n_images)
         parts["5"] = gpu(samples, patches, args.quick)

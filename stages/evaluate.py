@@ -13,7 +13,7 @@ from cellseg.stage import In, Out, guarded, stage_args
 from cellseg.data import ImageStore
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.evaluate import evaluate_predictor
-from cellseg.inference import load_predictor, postprocess_params
+from cellseg.inference import predictor
 from cellseg.io import write_json
 from cellseg.outputs import Kind
 from cellseg.report import write_plots, write_report
@@ -43,6 +43,7 @@ def main() -> None:
     store = ImageStore(Path(data.root), args.decoded, val)
     coco_gt = json.loads(args.coco.read_text())
     train = config.section(raw, "train", path=args.params)
+    post = config.section(raw, "postprocess", path=args.params)  # today's, not those stored at training
 
     evaluations, checkpoints, histories = [], {}, {}
     for path, history in zip(args.checkpoints, args.histories):
@@ -51,10 +52,9 @@ def main() -> None:
         if name in checkpoints:
             raise ParamsError(f"--checkpoints: two checkpoints of model {name!r}")
         checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
-        current = config.section(raw, name, path=args.params)  # today's thresholds, not those stored at training
         device = pick_device(getattr(train, name).device)  # each model on its own train.<model>.device
-        predictor = load_predictor(path, device, postprocess_params(current, name))
-        evaluations.append(evaluate_predictor(predictor, store, val, coco_gt))
+        model = predictor(checkpoint, path, device, getattr(post, name))
+        evaluations.append(evaluate_predictor(model, store, val, coco_gt))
     write_json(args.metrics, {e.name: e.metrics for e in evaluations})
     plots = write_plots(evaluations, store, val, histories, args.plots)
     write_report(args.report, evaluations, store, val, plots, {n: c["model_params"] for n, c in checkpoints.items()})

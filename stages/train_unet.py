@@ -1,4 +1,5 @@
-"""DVC stage: train the U-Net on the patch index with the shared trainer (params ``unet``, ``train.unet``, ``tracking``)."""
+"""DVC stage: train the U-Net on the patch index with the shared trainer (params ``unet``, ``train.unet``,
+``postprocess.unet``, ``tracking``)."""
 
 import json
 import sys
@@ -7,13 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from cellseg import config
-from cellseg.stage import In, Out, guarded, stage_args
 from cellseg.augment import build_augmentations
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.outputs import Kind
-from cellseg.train import seed_everything, train_tracked
-from cellseg.tracking import run_record, training_tracker
+from cellseg.stage import In, Out, guarded, stage_args
+from cellseg.train import seed_everything, train_tracked, training_run
 
 
 def main() -> None:
@@ -28,8 +28,12 @@ def main() -> None:
     raw = config.read_params(args.params)
     data, unet, tracking = (config.section(raw, name, path=args.params) for name in ("data", "unet", "tracking"))
     train = config.section(raw, "train", path=args.params).unet
+    post = config.section(raw, "postprocess", path=args.params).unet
     split = json.loads(args.split.read_text())
-    tracker, inputs = training_tracker(tracking, data, "unet", [(args.decoded, "training"), (args.split, "split")])
+    run = training_run(
+        raw, data, tracking, "unet", [(args.decoded, "training"), (args.split, "split")], args.models, args.metrics,
+        stored={"model_params": unet.model_dump(), "postprocess": post.model_dump()},
+    )
 
     store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], unet.boundary_width)
     train_set = PatchDataset(
@@ -38,23 +42,7 @@ def main() -> None:
     )
     val_set = WholeImageDataset(split["val"], store, unet.mean, unet.std, unet.channels)
     seed_everything(train.seed)  # the weights' random initialisation
-    model = build_unet(
-        encoder=unet.encoder, weights=unet.encoder_weights, in_channels=unet.channels, classes=3,
-        decoder_channels=unet.decoder_channels,
-    )
-    train_tracked(
-        model,
-        UNetTask(unet, channels_last=train.channels_last),
-        train_set,
-        val_set,
-        train,
-        model_dir=args.models,
-        metrics_dir=args.metrics,
-        tracker=tracker,
-        model_params=unet.model_dump(),
-        **run_record(raw, model="unet", inputs=inputs),
-        val_collate_fn=WholeImageDataset.collate,
-    )
+    train_tracked(build_unet(unet), UNetTask(unet, post, train.channels_last), train_set, val_set, train, run)
 
 
 if __name__ == "__main__":

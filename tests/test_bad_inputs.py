@@ -13,7 +13,7 @@ in a temporary working directory and asserts:
   good output (for the cases marked ``prior``, made by running the same stage on good data first) is
   unchanged, and no stray ``.*.tmp`` / ``.*.old`` entry is left beside it.
 
-108 kinds:
+119 kinds:
 
 * RLE, decode stage (9): non-integer token, integer beyond 64 bits, odd token count, zero length,
   negative length, start below 1, runs out of order, overlapping runs, a run past the image end.
@@ -25,17 +25,24 @@ in a temporary working directory and asserts:
 * Image ids, decode stage (3): a path separator, ``..`` inside, ``..`` alone.
 * Images, decode stage (9): missing, empty, truncated, not an image, a decompression bomb, a directory
   named like the file, 16-bit, RGB colour, wrong size.
-* params.yaml (14): malformed YAML, not a mapping, file missing, a section not a mapping, an unknown key,
+* params.yaml (16): malformed YAML, not a mapping, file missing, a section not a mapping, an unknown key,
   unknown ``data.source``, ``data.limit_images`` of the wrong type (decode); ``split.fold`` >= ``n_folds``,
   ``split.n_folds`` of the wrong type (split); ``patches.size`` not a multiple of 32, ``patches.jitter``
   out of range, ``patches.size`` larger than the images (patches); ``train.unet.epochs: "x"`` (train_unet);
-  ``synth.images: 0`` (synthesize).
-* Checkpoints (10): ``cellseg predict --model`` with a foreign torch file, a truncated cellseg checkpoint,
+  ``synth.images: 0`` (synthesize); a missing section (``postprocess``, train_unet) and a missing key
+  (``maskrcnn.anchor_sizes``, train_maskrcnn): params.yaml is the one source of defaults.
+* Params the library no longer re-checks, refused by the stage that reads them (6): ``patches.per_cell: 0``,
+  ``patches.background_fraction: .nan`` (patches); ``synth.seed: -1`` (synthesize); ``unet.augment`` a
+  string, ``unet.boundary_width: 0``, ``unet.channels: 2`` (train_unet).
+* Per-cell-type params (2): ``postprocess.unet.min_size`` naming an unknown cell type (train_unet),
+  ``postprocess.maskrcnn.score_threshold`` covering not every cell type and without ``default`` (train_maskrcnn).
+* Checkpoints (11): ``cellseg predict --model`` with a foreign torch file, a truncated cellseg checkpoint,
   a cellseg checkpoint without weights or params, and one whose weights do not fit its model; the
   train_unet stage resuming (``train.unet.resume: true``) from a ``last.pt`` of the other model
   (Mask R-CNN), from a U-Net ``last.pt`` without the optimizer state (a ``best.pt`` copied over), and from
   one whose weights do not fit the model the params now describe (e.g. another encoder); bytes flipped
-  mid-file in a checkpoint (predict) and in ``last.pt`` (resume), and a checkpoint of format 1 (no hash).
+  mid-file in a checkpoint (predict) and in ``last.pt`` (resume), and checkpoints of format 1 (no hash) and 2
+  (post-processing params inside ``model_params``).
 * Output paths (20): ``cellseg predict --out`` that is the input folder, contains it (``dir`` for
   ``dir/imgs``), lies inside it, is the checkpoint, is ``.``, is ``..``, is a user's folder (with
   ``--overwrite``), is a file, is a link to the input; the decode stage's ``--out`` that is ``data.root`` or
@@ -75,6 +82,7 @@ import torch
 from PIL import Image
 
 from cellseg.checkpoint import save_checkpoint
+from helpers.project import project_params
 from helpers.stage_harness import ASTRO, OUTPUTS, STAGE_ARGS, World, base_params, prepare, run
 
 
@@ -170,8 +178,8 @@ def _checkpoint_without_weights(w: World) -> None:
 
 
 def _checkpoint_with_wrong_weights(w: World) -> None:
-    params = {"encoder": "resnet18", "channels": 1}
-    save_checkpoint(w.work / w.model, "unet", {"model_params": params, "model_state": {"w": torch.zeros(2)}})
+    entries = {**_unet_entries(), "model_state": {"w": torch.zeros(2)}}
+    save_checkpoint(w.work / w.model, "unet", entries)
 
 
 def _resume_from_other_model(w: World) -> None:
@@ -199,14 +207,22 @@ def _args(*args: str) -> Callable[[World], None]:
 PREDICT = ("--model", "model.pt", "--device", "cpu")  # with a valid checkpoint made by _good_checkpoint
 
 
+def _unet_params():
+    """params.yaml's ``unet``, for a small one-channel resnet18 with random weights."""
+    return project_params("unet", encoder="resnet18", encoder_weights="none", channels=1)
+
+
+def _unet_entries() -> dict:
+    """What a U-Net checkpoint stores beside its weights: the model's params and its post-processing params."""
+    return {"model_params": _unet_params().model_dump(), "postprocess": project_params("postprocess.unet").model_dump()}
+
+
 def _good_checkpoint(w: World) -> None:
     """A U-Net checkpoint that loads (resnet18, random weights), as ``model.pt``."""
-    from cellseg.config import UNetParams
     from cellseg.models.unet import build_unet
 
-    params = UNetParams(encoder="resnet18", channels=1).model_dump()
-    model = build_unet(encoder="resnet18", weights="none", in_channels=1, classes=3, decoder_channels=params["decoder_channels"])
-    save_checkpoint(w.work / w.model, "unet", {"model_params": params, "model_state": model.state_dict()})
+    model = build_unet(_unet_params())
+    save_checkpoint(w.work / w.model, "unet", {**_unet_entries(), "model_state": model.state_dict()})
 
 
 def _predict_with(*args: str, setup: Callable[[World], None] | None = None) -> Callable[[World], None]:
@@ -264,6 +280,30 @@ def _version_1_checkpoint(w: World) -> None:
     from cellseg.checkpoint import FORMAT
 
     torch.save({"format": FORMAT, "version": 1, "model": "unet", "model_params": {}, "model_state": {}}, w.work / w.model)
+
+
+def _version_2_checkpoint(w: World) -> None:
+    """A complete checkpoint of format 2 (with its hash, its thresholds inside ``model_params``, no ``postprocess``)."""
+    from cellseg.checkpoint import FORMAT, HASH, content_hash
+    from cellseg.models.unet import build_unet
+
+    params = {**_unet_params().model_dump(), **project_params("postprocess.unet").model_dump()}
+    content = {"format": FORMAT, "version": 2, "model": "unet", "model_params": params,
+               "model_state": build_unet(_unet_params()).state_dict()}
+    torch.save({**content, HASH: content_hash(content)}, w.work / w.model)
+
+
+def _unset(dotted: str) -> Callable[[World], None]:
+    """The params lose the key (or section) ``dotted``."""
+
+    def apply(w: World) -> None:
+        *path, key = dotted.split(".")
+        target = w.params
+        for name in path:
+            target = target[name]
+        del target[key]
+
+    return apply
 
 
 def _alias_bomb(w: World) -> None:
@@ -391,6 +431,21 @@ CASES: list[Case] = [
     Case("patches-size-exceeds-images", "patches", param("patches.size", 64), ("patches.size: 64 exceeds image",)),
     Case("train-epochs-wrong-type", "train_unet", param("train.unet.epochs", "x"), ("params.yaml", "train.unet.epochs", "'x'")),
     Case("synth-images-zero", "synthesize", param("synth.images", 0), ("params.yaml", "synth.images", "(got 0)"), prior=True),
+    Case("params-section-missing", "train_unet", _unset("postprocess"), ("params.yaml: no section 'postprocess'",)),
+    Case("params-key-missing", "train_maskrcnn", _unset("maskrcnn.anchor_sizes"), ("params.yaml: maskrcnn.anchor_sizes: Field required",)),
+    # --- params the library no longer checks itself: the stage reading params.yaml refuses them ---
+    Case("patches-per-cell-zero", "patches", param("patches.per_cell", 0), ("params.yaml", "patches.per_cell", "greater than or equal to 1", "(got 0)")),
+    Case("patches-background-fraction-nan", "patches", param("patches.background_fraction", float("nan")),
+         ("params.yaml", "patches.background_fraction", "finite number")),
+    Case("synth-seed-negative", "synthesize", param("synth.seed", -1), ("params.yaml", "synth.seed", "greater than or equal to 0", "(got -1)")),
+    Case("augment-a-string", "train_unet", param("unet.augment", "hflip"), ("params.yaml", "unet.augment", "valid list", "(got 'hflip')")),
+    Case("boundary-width-zero", "train_unet", param("unet.boundary_width", 0), ("params.yaml", "unet.boundary_width", "(got 0)")),
+    Case("channels-two", "train_unet", param("unet.channels", 2), ("params.yaml", "unet.channels", "Input should be 1 or 3", "(got 2)")),
+    # --- per-cell-type params (postprocess.*): cell types only, every one covered ---
+    Case("min-size-unknown-cell-type", "train_unet", param("postprocess.unet.min_size", {"default": 20, "neuron": 5}),
+         ("params.yaml", "postprocess.unet.min_size", "unknown cell type 'neuron'")),
+    Case("score-threshold-not-every-cell-type", "train_maskrcnn", param("postprocess.maskrcnn.score_threshold", {"shsy5y": 0.3}),
+         ("params.yaml", "postprocess.maskrcnn.score_threshold", "no entry for astro, cort and no 'default'")),
     # --- checkpoints ---
     Case("predict-foreign-torch-file", "predict", _foreign_checkpoint, ("{work}/model.pt", "not a cellseg checkpoint")),
     Case("predict-truncated-checkpoint", "predict", _truncated_checkpoint, ("{work}/model.pt", "not a readable cellseg checkpoint")),
@@ -401,7 +456,8 @@ CASES: list[Case] = [
     Case("train-resume-weights-do-not-fit", "train_unet", _resume_from_other_weights, ("models/unet/last.pt", "cannot resume", "do not fit")),
     Case("predict-checkpoint-bytes-flipped", "predict", _flipped_checkpoint, ("{work}/model.pt", "checkpoint is corrupt", "sha256")),
     Case("train-resume-last-bytes-flipped", "train_unet", _flipped_last, ("models/unet/last.pt", "checkpoint is corrupt")),
-    Case("predict-checkpoint-format-1", "predict", _version_1_checkpoint, ("{work}/model.pt", "format version 1; this cellseg reads 2")),
+    Case("predict-checkpoint-format-1", "predict", _version_1_checkpoint, ("{work}/model.pt", "format version 1; this cellseg reads 3")),
+    Case("predict-checkpoint-format-2", "predict", _version_2_checkpoint, ("{work}/model.pt", "format version 2; this cellseg reads 3")),
     # --- output paths: never an input, the working directory, or a folder cellseg did not write ---
     Case("predict-out-is-the-input", "predict", _predict_with("images", "--out", "images", "--overwrite"),
          ("images: an output may not be, contain or lie inside an input; it is the input images",)),

@@ -19,13 +19,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cellseg import rle
-from cellseg.coco import CATEGORY_IDS, to_coco, write_coco
+from cellseg.coco import to_coco, write_coco
 from cellseg.cocorle import coco_to_rle, rle_to_coco
 from cellseg.sources.coco import LIVECELL_JSON, coco_to_source
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, LABELS_DIR, decode_dataset
 from cellseg.errors import DataError
 from cellseg.io import read_labels
-from cellseg.celltypes import CELL_TYPES
+from cellseg.celltypes import CATEGORY_IDS, CELL_TYPES
 from cellseg.sources.read import load_source
 from cellseg.sources.kaggle import read_kaggle
 from cellseg.sources.synthetic import synthesize

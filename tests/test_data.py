@@ -21,7 +21,7 @@ from cellseg.data import (
     targets_from_labels,
 )
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, LABELS_DIR, decode_dataset
-from cellseg.errors import DataError, ParamsError
+from cellseg.errors import DataError
 from cellseg.io import write_png
 from cellseg.patches import sample_patches
 from cellseg.celltypes import CELL_TYPES
@@ -29,6 +29,7 @@ from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 MEAN, STD = 0.5, 0.25
+BOUNDARY_WIDTH = 1  # the U-Net's: a store given it holds U-Net targets too
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +45,18 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pd.
 @pytest.fixture(scope="module")
 def store(synthetic: tuple[Path, Path, pd.DataFrame, pd.DataFrame]) -> ImageStore:
     data_root, decoded, images, _ = synthetic
-    return ImageStore(data_root, decoded, list(images["image_id"]))
+    return ImageStore(data_root, decoded, list(images["image_id"]), BOUNDARY_WIDTH)
 
 
 def _write_store(root: Path, labels: np.ndarray, image: np.ndarray, image_id: str = "hand") -> ImageStore:
-    """An :class:`ImageStore` over one hand-made image and its label image."""
+    """An :class:`ImageStore` (with U-Net targets) over one hand-made image and its label image."""
     (root / "raw" / "train").mkdir(parents=True)
     (root / "decoded" / LABELS_DIR).mkdir(parents=True)
     write_png(root / "raw" / "train" / f"{image_id}.png", image)
     write_png(root / "decoded" / LABELS_DIR / f"{image_id}.png", labels)
     table = pd.DataFrame({"image_id": [image_id], "file_name": [f"train/{image_id}.png"], "cell_type": ["astro"]})
     table.to_parquet(root / "decoded" / IMAGES_TABLE)
-    return ImageStore(root / "raw", root / "decoded", [image_id])
+    return ImageStore(root / "raw", root / "decoded", [image_id], BOUNDARY_WIDTH)
 
 
 def _l_shape() -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +77,7 @@ def test_touching_squares_get_a_boundary_line() -> None:
     labels = np.zeros((10, 12), dtype=np.uint16)
     labels[2:8, 1:6] = 1
     labels[2:8, 6:11] = 2
-    targets = targets_from_labels(labels)
+    targets = targets_from_labels(labels, boundary_width=1)
     assert targets.dtype == np.uint8
     assert (targets[labels == 0] == 0).all()
     assert (targets[2:8, 5] == 2).all() and (targets[2:8, 6] == 2).all()  # the shared edge, both sides
@@ -84,8 +85,6 @@ def test_touching_squares_get_a_boundary_line() -> None:
     assert (targets[2, 1:11] == 2).all() and (targets[7, 1:11] == 2).all()
     wide = targets_from_labels(labels, boundary_width=2)
     assert (wide[3:7, 4:8] == 2).all() and (wide[4:6, 3] == 1).all() and (wide[labels == 0] == 0).all()
-    with pytest.raises(ParamsError, match="boundary_width"):
-        targets_from_labels(labels, boundary_width=0)
 
 
 def test_store_holds_images_labels_targets(store: ImageStore, synthetic: tuple) -> None:
@@ -94,10 +93,23 @@ def test_store_holds_images_labels_targets(store: ImageStore, synthetic: tuple) 
     assert store.image_ids == list(images["image_id"])
     assert store.image(image_id).shape == (520, 704) and store.image(image_id).dtype == np.uint8
     assert store.labels(image_id).dtype == np.uint16
-    np.testing.assert_array_equal(store.targets(image_id), targets_from_labels(store.labels(image_id)))
+    np.testing.assert_array_equal(store.targets(image_id), targets_from_labels(store.labels(image_id), BOUNDARY_WIDTH))
     assert store.cell_type(image_id) == images["cell_type"][0]
     with pytest.raises(DataError, match="'nope' is not in the image store"):
         store.image("nope")
+
+
+def test_store_without_boundary_width_holds_no_targets(store: ImageStore, synthetic: tuple) -> None:
+    """Mask R-CNN's store: the same images and label images, no U-Net targets."""
+    data_root, decoded, images, _ = synthetic
+    image_id = images["image_id"][0]
+    plain = ImageStore(data_root, decoded, [image_id])
+    np.testing.assert_array_equal(plain.image(image_id), store.image(image_id))
+    np.testing.assert_array_equal(plain.labels(image_id), store.labels(image_id))
+    with pytest.raises(DataError, match="holds no U-Net targets"):
+        plain.targets(image_id)
+    with pytest.raises(DataError, match="holds no U-Net targets"):
+        WholeImageDataset([image_id], plain, MEAN, STD, 1)[0]
 
 
 def test_store_missing_files_are_named(tmp_path: Path) -> None:
@@ -125,8 +137,6 @@ def test_build_augmentations() -> None:
     assert set(np.unique(out["mask"])) <= {0, 2}  # nearest interpolation: no blended classes
     identity = build_augmentations([])(image=image, mask=mask)
     np.testing.assert_array_equal(identity["image"], image)
-    with pytest.raises(ParamsError, match=r"augment: unknown augmentation\(s\) \['spin'\]; valid names: hflip"):
-        build_augmentations(["hflip", "spin"])
 
 
 def test_normalize() -> None:
@@ -136,8 +146,6 @@ def test_normalize() -> None:
     assert grey[0, 0, 0].item() == pytest.approx(-2.0) and grey[0, 0, 1].item() == pytest.approx(2.0)
     rgb = normalize(image, MEAN, STD, 3)
     assert rgb.shape == (3, 2, 2) and torch.equal(rgb[0], rgb[2])
-    with pytest.raises(ParamsError, match="channels"):
-        normalize(image, MEAN, STD, 2)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

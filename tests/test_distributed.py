@@ -16,13 +16,12 @@ import torch.distributed as dist
 
 from cellseg import distributed
 from cellseg.checkpoint import load_checkpoint
-from cellseg.config import UNetParams
 from cellseg.data import PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.tracking import Tracker, open_tracker
 from cellseg.train import fit
 from helpers.ddp_job import BATCH_SIZE, SAMPLES_PER_EPOCH, Indexed, PlainNet, RecordingTask
-from helpers.fit_job import config, stable
+from helpers.fit_job import config, run_in, stable, unet_task_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,10 +70,7 @@ def single_run(sets: tuple[PatchDataset, WholeImageDataset], tmp_path_factory: p
     out = tmp_path_factory.mktemp("single_run")
     model, task = PlainNet(seed=0), RecordingTask()
     cfg = config(epochs=EPOCHS, batch_size=2 * BATCH_SIZE, samples_per_epoch=SAMPLES_PER_EPOCH)
-    history = fit(
-        model, task, Indexed(sets[0]), sets[1], cfg, out / "models", out / "epochs.csv", Tracker(),
-        val_collate_fn=WholeImageDataset.collate,
-    )
+    history = fit(model, task, Indexed(sets[0]), sets[1], cfg, run_in(out))
     return history, model.state_dict(), task.batches
 
 
@@ -178,8 +174,7 @@ def test_without_torchrun_nothing_is_distributed(
         monkeypatch.delenv(name, raising=False)
     assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
     task = RecordingTask()
-    fit(PlainNet(), task, Indexed(sets[0]), sets[1], config(epochs=1), tmp_path / "models", tmp_path / "epochs.csv",
-        Tracker(), val_collate_fn=WholeImageDataset.collate)
+    fit(PlainNet(), task, Indexed(sets[0]), sets[1], config(epochs=1), run_in(tmp_path))
     assert task.group is None and not dist.is_initialized()
     assert task.trained == task.validated == {"PlainNet"}
 
@@ -190,9 +185,8 @@ def test_unet_under_ddp_needs_find_unused_parameters(find_unused: bool) -> None:
     trains it with the flag and fails at the second step without it (shown in a group of one process)."""
     assert UNetTask.find_unused_parameters
     torch.manual_seed(0)
-    params = UNetParams(encoder="efficientnet-b0")
-    model = build_unet(encoder=params.encoder, decoder_channels=params.decoder_channels)
-    task = UNetTask(params)
+    args = unet_task_args(encoder="efficientnet-b0")
+    model, task = build_unet(args[0]), UNetTask(*args)
     batch = {
         "image": torch.randn(2, 3, 64, 64), "target": torch.randint(0, 3, (2, 64, 64)), "type": torch.tensor([0, 2]),
     }

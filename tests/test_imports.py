@@ -55,3 +55,12 @@ def test_shared_modules_are_leaves() -> None:
     """Cell types import nothing of cellseg; instances (what every predictor gives) only the cell types."""
     assert _imports(PACKAGE / "celltypes.py") == set()
     assert _imports(PACKAGE / "instances.py") == {PACKAGE / "__init__.py", PACKAGE / "celltypes.py"}
+
+
+def test_category_ids_are_numbered_once() -> None:
+    """The COCO export takes its category ids from the cell types (still importable from ``cellseg.coco``)."""
+    from cellseg import celltypes, coco
+
+    assert PACKAGE / "celltypes.py" in _imports(PACKAGE / "coco.py")
+    assert coco.CATEGORY_IDS is celltypes.CATEGORY_IDS
+    assert coco.CATEGORY_IDS == {"shsy5y": 1, "astro": 2, "cort": 3}

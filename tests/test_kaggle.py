@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cellseg.errors import DataError, ParamsError
+from cellseg.errors import DataError
 from cellseg.sources import subset
 from cellseg.sources.read import load_source
 from cellseg.sources.kaggle import CSV_COLUMNS, METADATA_COLUMNS, read_kaggle
@@ -152,9 +152,17 @@ def test_subset_is_stratified_and_deterministic(make_kaggle) -> None:
     assert six.tolist() == [2, 2, 2]
 
 
-def test_unknown_source(make_kaggle) -> None:
-    with pytest.raises(ParamsError, match="data.source: unknown source 'zenodo'"):
-        load_source("zenodo", make_kaggle())
+def test_load_source_reads_and_subsets(make_kaggle) -> None:
+    """``load_source`` reads the format ``data.source`` names (a synthetic set is in the Kaggle format) and takes
+    the ``data.limit_images`` subset; the source name itself is the params' to check (tests/test_params.py)."""
+    root = make_kaggle(images_per_type=4)
+    whole = read_kaggle(root)
+    for source in ("kaggle", "synthetic"):
+        assert load_source(source, root).images.equals(whole.images)
+        small = load_source(source, root, limit_images=3, seed=1)
+        assert small.images.equals(subset(whole, 3, seed=1).images)
+        assert small.annotations.equals(subset(whole, 3, seed=1).annotations)
+    assert len(load_source("kaggle", root, limit_images=3, seed=1).images) == 3
 
 
 def test_columns_are_the_competitions() -> None:

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import urllib.error
+from dataclasses import dataclass
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from cellseg.checkpoint import save_checkpoint
-from cellseg.config import MaskRCNNParams
+from cellseg import config, rle
 from cellseg.augment import build_augmentations
+from cellseg.celltypes import CELL_TYPES, UNKNOWN_CLASS, by_category, per_type
+from cellseg.checkpoint import save_checkpoint
+from cellseg.config import MaskRCNNParams, MaskRCNNPostprocess
 from cellseg.data import ImageStore
-from cellseg import rle
-from cellseg.coco import to_coco, write_coco
-from cellseg.sources.coco import coco_to_source
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset, decode_image
 from cellseg.errors import DataError, ParamsError, ResourceError
-from cellseg.celltypes import UNKNOWN_CLASS
 from cellseg.inference import load_predictor
 from cellseg.instances import Instances, majority_class
 from cellseg.models.maskrcnn import (
@@ -31,17 +32,17 @@ from cellseg.models.maskrcnn import (
     instance_target,
     paste_windows,
     predict_instances,
-    target_labels,
+    score_floor,
 )
-from cellseg.celltypes import CELL_TYPES
 from cellseg.sources import SourceData
-from cellseg.sources.read import load_source
 from cellseg.sources.kaggle import read_kaggle
+from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
+from helpers.project import project_params
 
 CPU = torch.device("cpu")
 # Small enough for CPU: images are resized to about 65×88 and few proposals/detections are kept.
-TINY = {
+TINY_CHANGES = {
     "image_scale": 0.125,
     "detections_per_img": 20,
     "rpn_pre_nms_top_n": 200,
@@ -51,8 +52,19 @@ TINY = {
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
-def tiny_params(**overrides: object) -> MaskRCNNParams:
-    return MaskRCNNParams(**{**TINY, **overrides})
+def tiny_params(**changes: object) -> MaskRCNNParams:
+    """params.yaml's ``maskrcnn`` section made CPU-sized (:data:`TINY_CHANGES`), with ``changes``."""
+    return project_params("maskrcnn", **{**TINY_CHANGES, **changes})
+
+
+def post(**changes: object) -> MaskRCNNPostprocess:
+    """params.yaml's ``postprocess.maskrcnn`` section with ``changes``."""
+    return project_params("postprocess.maskrcnn", **changes)
+
+
+def tiny_task(params: MaskRCNNParams | None = None) -> MaskRCNNTask:
+    """The training task of ``params`` (default: :func:`tiny_params`) with params.yaml's post-processing."""
+    return MaskRCNNTask(params or tiny_params(), post())
 
 
 def tiny_batch(n_images: int = 1, height: int = 64, width: int = 96) -> tuple[list[torch.Tensor], list[dict]]:
@@ -99,7 +111,7 @@ def box(shape: tuple[int, int], rows: slice, cols: slice, value: float = 0.9) ->
 def test_train_step_losses_gradients_and_update() -> None:
     torch.manual_seed(0)
     model = build_maskrcnn(tiny_params())
-    stats = MaskRCNNTask(tiny_params()).train_step(model, tiny_batch(2), CPU)
+    stats = tiny_task().train_step(model, tiny_batch(2), CPU)
     assert set(stats) == {"loss", *LOSSES}
     assert all(torch.isfinite(v) for v in stats.values())
     torch.testing.assert_close(stats["loss"].detach(), sum(stats[k] for k in LOSSES))
@@ -115,7 +127,7 @@ def test_train_step_losses_gradients_and_update() -> None:
 def test_fixed_batch_loss_decreases() -> None:
     torch.manual_seed(0)
     model = build_maskrcnn(tiny_params())
-    task, batch = MaskRCNNTask(tiny_params()), tiny_batch(1)
+    task, batch = tiny_task(), tiny_batch(1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     losses = []
     for _ in range(5):
@@ -133,13 +145,14 @@ def test_fixed_batch_loss_decreases() -> None:
 
 def test_eval_predictions_give_consistent_instances() -> None:
     torch.manual_seed(0)
-    params = tiny_params(score_threshold={t: 0.0 for t in CELL_TYPES}, min_size={t: 0 for t in CELL_TYPES})
-    model = build_maskrcnn(params).eval()
+    everything = post(score_threshold={"default": 0.0}, min_size={"default": 0})
+    model = build_maskrcnn(tiny_params()).eval()
+    score_floor(model, everything)
     images, _ = tiny_batch(1)
     with torch.inference_mode():
         (output,) = model(images)
     assert output["masks"].shape[1:] == (1, 64, 96)
-    instances = predict_instances(output, params)
+    instances = predict_instances(output, everything)
     n = len(instances.scores)
     assert instances.labels.dtype == np.uint16 and instances.labels.shape == (64, 96)
     assert n > 0 and set(np.unique(instances.labels)) == set(range(n + 1))  # labels 1..n, each non-empty
@@ -149,20 +162,24 @@ def test_eval_predictions_give_consistent_instances() -> None:
 
 
 def test_detections_under_every_threshold_are_dropped_early_without_changing_instances() -> None:
-    """The model's box score threshold is the lowest per-class one: the instances are those a model keeping
-    every detection down to 0.01 gives, after the per-class thresholds."""
+    """score_floor sets the model's box score threshold to the lowest per-class one: the instances are those a
+    model keeping every detection down to 0.01 gives, after the per-class thresholds."""
     thresholds = {"shsy5y": 0.8, "astro": 0.85, "cort": 0.88}  # within this random model's scores
-    params = tiny_params(score_threshold=thresholds, min_size={t: 1 for t in CELL_TYPES}, detections_per_img=100)
+    floored = post(score_threshold=thresholds, min_size={"default": 1})
     torch.manual_seed(0)
-    model = build_maskrcnn(params).eval()
+    model = build_maskrcnn(tiny_params(detections_per_img=100)).eval()
+    score_floor(model, floored)
     assert model.roi_heads.score_thresh == 0.8
+    score_floor(model, post(score_threshold={"astro": 0.3, "default": 0.6}))
+    assert model.roi_heads.score_thresh == 0.3  # a default counts for the types it serves
+    score_floor(model, floored)
     images, _ = tiny_batch(1)
     with torch.inference_mode():
         (early,) = model(images)
         model.roi_heads.score_thresh = 0.01
         (late,) = model(images)
     assert len(late["scores"]) > len(early["scores"]) > 0
-    kept, reference = predict_instances(early, params), predict_instances(late, params)
+    kept, reference = predict_instances(early, floored), predict_instances(late, floored)
     assert len(kept.scores) > 0
     np.testing.assert_array_equal(kept.labels, reference.labels)
     np.testing.assert_array_equal(kept.classes, reference.classes)
@@ -171,9 +188,9 @@ def test_detections_under_every_threshold_are_dropped_early_without_changing_ins
 
 def test_paste_windows_hold_every_pasted_mask_pixel() -> None:
     """Where a real model (random init, boxes of all sizes and at the borders) pasted a mask, the window has it."""
-    params = tiny_params(score_threshold={t: 0.0 for t in CELL_TYPES}, detections_per_img=100)
     torch.manual_seed(0)
-    model = build_maskrcnn(params).eval()
+    model = build_maskrcnn(tiny_params(detections_per_img=100)).eval()
+    score_floor(model, post(score_threshold={"default": 0.0}))
     images, _ = tiny_batch(2)
     with torch.inference_mode():
         outputs = model(images)
@@ -192,7 +209,7 @@ def test_overlap_goes_to_the_higher_score() -> None:
     shape = (20, 30)
     low = box(shape, slice(2, 12), slice(2, 16))
     high = box(shape, slice(6, 18), slice(10, 26))
-    params = tiny_params(min_size={t: 1 for t in CELL_TYPES}, score_threshold={t: 0.1 for t in CELL_TYPES})
+    params = post(min_size={"default": 1}, score_threshold={"default": 0.1})
     instances = predict_instances(fake_output([low, high], [1, 1], [0.6, 0.9]), params)
     np.testing.assert_array_equal(instances.scores, np.array([0.9, 0.6], dtype=np.float32))
     np.testing.assert_array_equal(instances.labels == 1, high > 0.5)  # the overlap belongs to the 0.9 mask
@@ -203,33 +220,50 @@ def test_mask_threshold_and_per_class_min_size() -> None:
     shape = (20, 30)
     soft = box(shape, slice(0, 10), slice(0, 10), value=0.4)  # below mask_threshold 0.5: empty, dropped
     small = box(shape, slice(12, 15), slice(0, 3))  # 9 px
-    params = tiny_params(min_size={"shsy5y": 5, "astro": 10, "cort": 5}, score_threshold={t: 0.1 for t in CELL_TYPES})
+    params = post(mask_threshold=0.5, min_size={"shsy5y": 5, "astro": 10, "cort": 5}, score_threshold={"default": 0.1})
     kept = predict_instances(fake_output([soft, small], [1, 1], [0.9, 0.8]), params)
     assert kept.classes.tolist() == [1] and int((kept.labels == 1).sum()) == 9
     dropped = predict_instances(fake_output([soft, small], [1, 2], [0.9, 0.8]), params)  # astro needs 10 px
     assert len(dropped.scores) == 0 and not dropped.labels.any()
 
 
-def test_per_class_score_threshold() -> None:
+@pytest.mark.parametrize(
+    "thresholds", [{"shsy5y": 0.3, "astro": 0.6, "cort": 0.5}, {"shsy5y": 0.3, "default": 0.6}]
+)
+def test_per_class_score_threshold(thresholds: dict[str, float]) -> None:
+    """Each class has its own score threshold; with a ``default``, the classes it does not name take that one."""
     shape = (20, 30)
     masks = [box(shape, slice(0, 8), slice(0, 8)), box(shape, slice(10, 18), slice(10, 18))]
-    thresholds = {"shsy5y": 0.3, "astro": 0.6, "cort": 0.5}
-    params = tiny_params(score_threshold=thresholds, min_size={t: 1 for t in CELL_TYPES})
+    params = post(score_threshold=thresholds, min_size={"default": 1})
     instances = predict_instances(fake_output(masks, [2, 1], [0.45, 0.45]), params)
     assert instances.classes.tolist() == [1]  # astro at 0.45 < 0.6 dropped, shsy5y at 0.45 >= 0.3 kept
     np.testing.assert_array_equal(instances.labels == 1, masks[1] > 0.5)
 
 
-def test_missing_per_class_entry_is_named() -> None:
-    params = tiny_params(score_threshold={"shsy5y": 0.3})
-    with pytest.raises(ParamsError, match="maskrcnn.score_threshold"):
-        predict_instances(fake_output([box((4, 4), slice(0, 2), slice(0, 2))], [1], [0.9]), params)
+def test_default_serves_the_cell_types_not_named() -> None:
+    values = {"astro": 100, "default": 30}
+    assert [per_type(values, name) for name in CELL_TYPES] == [30, 100, 30]
+    assert by_category(values, 0) == [0, 30, 100, 30]  # indexed by category id; 0: the unknown class
+    assert by_category({"shsy5y": 1, "astro": 2, "cort": 3}, -1) == [-1, 1, 2, 3]
+
+
+def test_missing_per_class_entry_is_refused_by_the_params() -> None:
+    """A per-type param must cover every cell type: its validation says so, before any prediction."""
+    with pytest.raises(ValidationError, match=r"score_threshold\n.*no entry for astro, cort and no 'default'"):
+        post(score_threshold={"shsy5y": 0.3})
+    sections = {name: project_params(f"postprocess.{name}").model_dump() for name in ("unet", "maskrcnn")}
+    sections["maskrcnn"]["score_threshold"] = {"shsy5y": 0.3}
+    with pytest.raises(ParamsError, match=r"postprocess\.maskrcnn\.score_threshold: .*no entry for astro, cort"):
+        config.section({"postprocess": sections}, "postprocess")
+    sections["maskrcnn"]["score_threshold"] = {"shsy5y": 0.3, "hela": 0.5, "default": 0.4}
+    with pytest.raises(ParamsError, match=r"postprocess\.maskrcnn\.score_threshold: .*unknown cell type 'hela'"):
+        config.section({"postprocess": sections}, "postprocess")
 
 
 def test_empty_output() -> None:
     output = {"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 8, 9),
               "boxes": torch.zeros(0, 4)}
-    instances = predict_instances(output, tiny_params())
+    instances = predict_instances(output, post())
     assert instances.labels.shape == (8, 9) and not instances.labels.any() and len(instances.classes) == 0
     assert instances.image_class == UNKNOWN_CLASS and instances.image_type is None
 
@@ -244,7 +278,7 @@ def test_image_class_is_the_majority_of_the_kept_cells() -> None:
         box(shape, slice(30, 32), slice(30, 32)),
         box(shape, slice(35, 37), slice(35, 37)),
     ]
-    params = tiny_params(min_size={"shsy5y": 1, "astro": 10, "cort": 1}, score_threshold={t: 0.1 for t in CELL_TYPES})
+    params = post(min_size={"shsy5y": 1, "astro": 10, "cort": 1}, score_threshold={"default": 0.1})
     instances = predict_instances(fake_output(masks, [3, 3, 2, 2, 2], [0.9, 0.8, 0.7, 0.6, 0.5]), params)
     assert instances.classes.tolist() == [3, 3, 2]
     assert instances.image_class == 3 and instances.image_type == "cort"
@@ -300,12 +334,15 @@ def test_coco_class_count_file_keeps_all_but_the_predictors(tmp_path: Path) -> N
 
 
 def test_cellseg_checkpoint_as_weights_and_predictor(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> None:
-    params = tiny_params(score_threshold={t: 0.0 for t in CELL_TYPES})
-    save_checkpoint(tmp_path / "best.pt", "maskrcnn", {"model_params": params.model_dump(), "model_state": tiny_state})
+    floor = post(score_threshold={"default": 0.0})
+    stored = {"model_params": tiny_params().model_dump(), "postprocess": floor.model_dump()}
+    save_checkpoint(tmp_path / "best.pt", "maskrcnn", {**stored, "model_state": tiny_state})
     model = build_maskrcnn(tiny_params(weights=str(tmp_path / "best.pt")))
     assert all(torch.equal(v, tiny_state[k]) for k, v in model.state_dict().items())
     predictor = load_predictor(tmp_path / "best.pt", CPU)
-    assert predictor.name == "maskrcnn"
+    assert predictor.name == "maskrcnn" and predictor.model.roi_heads.score_thresh == 0.0  # the stored floor
+    tuned = load_predictor(tmp_path / "best.pt", CPU, post(score_threshold={"default": 0.7}))
+    assert tuned.post.score_threshold == {"default": 0.7} and tuned.model.roi_heads.score_thresh == 0.7
     image = np.random.default_rng(0).integers(0, 256, (64, 96), dtype=np.uint8)
     (instances,) = predictor.predict([image])
     assert instances.labels.shape == (64, 96) and instances.labels.dtype == np.uint16
@@ -352,20 +389,37 @@ def test_coco_offline_raises_resource_error(monkeypatch: pytest.MonkeyPatch) -> 
 # Data and validation
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A data set as the decode stage leaves it: its source, its output directory and an image store of it."""
+
+    source: SourceData
+    decoded_dir: Path
+    store: ImageStore
+
+    def dataset(self, augment: A.Compose | None = None) -> InstanceDataset:
+        """The Mask R-CNN dataset of every image."""
+        return InstanceDataset(self.store, self.decoded_dir, self.store.image_ids, augment)
+
+
+def decoded(source: SourceData, decoded_dir: Path) -> Decoded:
+    """Decode ``source`` into ``decoded_dir`` and hold its images."""
+    decode_dataset(source, decoded_dir)
+    ids = pd.read_parquet(decoded_dir / IMAGES_TABLE)["image_id"].tolist()
+    return Decoded(source, decoded_dir, ImageStore(source.root, decoded_dir, ids))
+
+
 @pytest.fixture(scope="module")
-def coco_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[SourceData, ImageStore]:
-    """3 synthetic images (one per cell type) as the coco stage writes them, read back, and their decoded store."""
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Decoded:
+    """3 synthetic images (one per cell type), decoded."""
     root = tmp_path_factory.mktemp("maskrcnn")
     synthesize(root / "raw", 3, 0)
-    decode_dataset(load_source("synthetic", root / "raw"), root / "decoded")
-    images = pd.read_parquet(root / "decoded" / IMAGES_TABLE)
-    ids = images["image_id"].tolist()
-    write_coco(root / "coco.json", to_coco(images, pd.read_parquet(root / "decoded" / INSTANCES_TABLE), ids))
-    return coco_to_source(root / "coco.json", root / "raw"), ImageStore(root / "raw", root / "decoded", ids)
+    return decoded(load_source("synthetic", root / "raw"), root / "decoded")
 
 
 def own_masks(data: SourceData, image_id: str, shape: tuple[int, int]) -> np.ndarray:
-    """Each annotation of ``image_id``, decoded on its own (overlaps kept), as an N×H×W stack."""
+    """Each annotation of ``image_id``, decoded on its own (overlaps kept), as an N×H×W stack in source order
+    (the decode stage's label order)."""
     rows = data.annotations[data.annotations["image_id"] == image_id]["annotation"]
     return np.stack([rle.decode(a, shape) for a in rows]).astype(np.uint8)
 
@@ -383,43 +437,43 @@ def check_item(image: torch.Tensor, target: dict, masks: np.ndarray) -> None:
         assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (y0, x0, y1, x1)
 
 
-def test_instance_dataset_holds_each_cells_own_mask(coco_data: tuple[SourceData, ImageStore]) -> None:
-    data, store = coco_data
-    dataset = InstanceDataset(data)
+def test_instance_dataset_holds_each_cells_own_mask(synthetic: Decoded) -> None:
+    store = synthetic.store
+    dataset = synthetic.dataset()
     assert dataset.image_ids == store.image_ids
     for i, image_id in enumerate(dataset.image_ids):
         image, target = dataset[i]
         labels = store.labels(image_id)
-        check_item(image, target, own_masks(data, image_id, labels.shape))
+        check_item(image, target, own_masks(synthetic.source, image_id, labels.shape))
         assert target["image_id"] == image_id and target["cell_type"] == store.cell_type(image_id)
         assert set(target["labels"].tolist()) == {CELL_TYPES.index(store.cell_type(image_id)) + 1}
         np.testing.assert_array_equal(image[0].numpy(), store.image(image_id) / np.float32(255))
-        np.testing.assert_array_equal(target_labels(target), labels)  # validation's truth is evaluate's
+        assert target["truth"].dtype == np.uint16
+        np.testing.assert_array_equal(target["truth"], labels)  # validation's truth is evaluate's
 
 
-def test_instance_dataset_keeps_the_overlaps_of_the_real_sample(real_dir: Path) -> None:
+def test_instance_dataset_keeps_the_overlaps_of_the_real_sample(real_dir: Path, tmp_path: Path) -> None:
     """The real image's cells overlap (3,354 pixels): the targets keep every cell whole, and the validation
-    truth built from them is the decode stage's label image."""
-    data = read_kaggle(real_dir)
-    (image_id,) = data.images["image_id"]
-    image, target = InstanceDataset(data)[0]
-    masks = own_masks(data, image_id, tuple(image.shape[1:]))
+    truth is the decode stage's label image."""
+    data = decoded(read_kaggle(real_dir), tmp_path / "decoded")
+    (image_id,) = data.store.image_ids
+    image, target = data.dataset()[0]
+    masks = own_masks(data.source, image_id, tuple(image.shape[1:]))
     check_item(image, target, masks)
     assert int((masks.sum(axis=0) > 1).sum()) == 3354
-    decoded = decode_image(data.annotations, masks.shape[1:], data.annotation_file)
-    np.testing.assert_array_equal(target_labels(target), decoded.labels)
+    truth = decode_image(data.source.annotations, masks.shape[1:], data.source.annotation_file)
+    np.testing.assert_array_equal(target["truth"], truth.labels)
 
 
-def test_instance_dataset_augmentation_moves_targets_with_image(coco_data: tuple[SourceData, ImageStore]) -> None:
-    data, _ = coco_data
-    dataset = InstanceDataset(data, build_augmentations(["hflip", "vflip", "rotate90"], seed=3))
-    plain = InstanceDataset(data)
-    image0, target0 = plain[0]
+def test_instance_dataset_augmentation_moves_targets_with_image(synthetic: Decoded) -> None:
+    dataset = synthetic.dataset(build_augmentations(["hflip", "vflip", "rotate90"], seed=3))
+    image0, target0 = synthetic.dataset()[0]
     seen = set()
     for _ in range(8):
         image, target = dataset[0]
         masks = target["masks"].numpy()
         check_item(image, target, masks)  # boxes fit the augmented masks
+        assert "truth" not in target  # only unaugmented (validation) items are scored
         assert masks.shape[1:] in {image0.shape[1:], image0.shape[1:][::-1]}
         assert len(masks) == len(target0["masks"])
         assert sorted(masks.sum(axis=(1, 2))) == sorted(target0["masks"].numpy().sum(axis=(1, 2)))
@@ -442,22 +496,23 @@ def test_instances_moved_out_of_the_image_are_left_out() -> None:
 
 
 def test_instance_dataset_names_a_bad_annotation(tmp_path: Path, make_kaggle) -> None:
-    root = make_kaggle()
-    data = read_kaggle(root)
-    broken = data.annotations.copy()
-    broken.loc[4, "annotation"] = "5 3 1"
-    with pytest.raises(DataError, match=rf"train.csv: row {broken.loc[4, 'row']}: malformed RLE"):
-        InstanceDataset(SourceData(data.root, data.annotation_file, data.images, broken))
+    data = decoded(read_kaggle(make_kaggle()), tmp_path / "decoded")
+    table = data.decoded_dir / INSTANCES_TABLE
+    instances = pd.read_parquet(table)
+    instances.loc[4, "annotation"] = "5 3 1"
+    instances.to_parquet(table, index=False)
+    with pytest.raises(DataError, match=rf"{INSTANCES_TABLE}: row {instances.loc[4, 'row']}: malformed RLE"):
+        data.dataset()
 
 
-def test_validate_reports_documented_keys(coco_data: tuple[SourceData, ImageStore]) -> None:
+def test_validate_reports_documented_keys(synthetic: Decoded) -> None:
     torch.manual_seed(0)
     params = tiny_params(image_scale=0.25)
     model = build_maskrcnn(params)
-    dataset = InstanceDataset(coco_data[0])
+    dataset = synthetic.dataset()
     loader = DataLoader(torch.utils.data.Subset(dataset, [0, 1]), batch_size=2, collate_fn=collate)
-    metrics = MaskRCNNTask(params).validate(model, loader, CPU)
-    types = {f"map/{t}" for t in dataset.cell_types[:2]}
+    metrics = tiny_task(params).validate(model, loader, CPU)
+    types = {f"map/{synthetic.store.cell_type(image_id)}" for image_id in dataset.image_ids[:2]}
     assert set(metrics) == {"map", "n_pred", "images_per_s", *types}
     assert all(0 <= metrics[k] <= 1 for k in ("map", *types))
     assert 0 <= metrics["n_pred"] <= params.detections_per_img and metrics["images_per_s"] > 0

@@ -22,13 +22,11 @@ import pytest
 import torch
 
 from cellseg.checkpoint import load_checkpoint
-from cellseg.config import UNetParams
-from cellseg.data import WholeImageDataset
 from cellseg.errors import ResourceError
 from cellseg.models.unet import UNetTask
 from cellseg.tracking import open_tracker, run_record
-from cellseg.train import train_tracked
-from helpers.fit_job import TinyNet, config, datasets, make_data, new_model
+from cellseg.train import TrainingRun, train_tracked
+from helpers.fit_job import TinyNet, config, datasets, make_data, new_model, unet_task_args
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 60
@@ -98,11 +96,11 @@ def test_tracked_training_through_a_server(server: str, tmp_path: Path, client_e
     sets = datasets(make_data(tmp_path / "data"))
     cfg = config(epochs=2)
     record = run_record({"train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}, "unet", repo_dir=REPO)
-    summary = train_tracked(
-        new_model(), UNetTask(UNetParams()), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
-        tracker=open_tracker(uri=server, experiment="server-test", run_name="unet"),
-        model_params={"encoder": "tiny"}, val_collate_fn=WholeImageDataset.collate, **record,
+    run = TrainingRun(
+        tmp_path / "models", tmp_path / "metrics", open_tracker(uri=server, experiment="server-test", run_name="unet"),
+        {"model_params": {"encoder": "tiny"}}, record["run_params"], record["run_tags"],
     )
+    summary = train_tracked(new_model(), UNetTask(*unet_task_args()), *sets, cfg, run)
     run_id = summary["mlflow_run_id"]
     history = load_checkpoint(tmp_path / "models" / "last.pt", "unet")["history"]
 

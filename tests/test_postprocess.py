@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from skimage.segmentation import find_boundaries
 
+from cellseg import config
 from cellseg.errors import ParamsError
+from cellseg.models.unet import unet_instances
 from cellseg.postprocess import remove_overlaps, watershed_instances
+from helpers.project import project_params
 
 SHAPE = (64, 96)
 
@@ -33,10 +36,17 @@ def two_touching_discs() -> np.ndarray:
     return labels
 
 
-@pytest.mark.parametrize("min_distance", [0, 2])
-def test_two_touching_discs_give_two_instances(min_distance: int) -> None:
+def watershed(probs: np.ndarray, min_size: int = 0) -> np.ndarray:
+    """:func:`watershed_instances` with params.yaml's ``postprocess.unet`` thresholds."""
+    post = project_params("postprocess.unet")
+    return watershed_instances(
+        probs, marker_threshold=post.marker_threshold, mask_threshold=post.mask_threshold, min_size=min_size
+    )
+
+
+def test_two_touching_discs_give_two_instances() -> None:
     truth = two_touching_discs()
-    labels = watershed_instances(probs_from_labels(truth), min_distance=min_distance)
+    labels = watershed(probs_from_labels(truth))
     assert labels.dtype == np.uint16 and labels.shape == SHAPE
     assert set(np.unique(labels)) == {0, 1, 2}
     for k in (1, 2):
@@ -46,28 +56,51 @@ def test_two_touching_discs_give_two_instances(min_distance: int) -> None:
         assert overlap.max() > 0.95 * inst.sum()  # each instance lies in one disc
 
 
-def test_min_size_per_cell_type_drops_small_blob() -> None:
+def small_and_large_blob() -> np.ndarray:
+    """Probabilities of a ~314 px disc and a ~50 px one."""
     truth = np.zeros(SHAPE, dtype=np.int32)
-    truth[disc((20, 20), 10)] = 1  # ~314 px
-    truth[disc((45, 70), 4)] = 2  # ~50 px
-    probs = probs_from_labels(truth)
-    sizes = {"shsy5y": 30, "astro": 150, "default": 400}
-    assert watershed_instances(probs, cell_type="shsy5y", min_size=sizes).max() == 2
-    kept = watershed_instances(probs, cell_type="astro", min_size=sizes)
+    truth[disc((20, 20), 10)] = 1
+    truth[disc((45, 70), 4)] = 2
+    return probs_from_labels(truth)
+
+
+def test_min_size_drops_small_blob() -> None:
+    probs = small_and_large_blob()
+    assert watershed(probs, min_size=30).max() == 2
+    kept = watershed(probs, min_size=60)
     assert kept.max() == 1 and kept[20, 20] == 1 and kept[45, 70] == 0
-    assert watershed_instances(probs, cell_type="cort", min_size=sizes).max() == 0  # falls back to default
-    assert watershed_instances(probs, min_size=60).max() == 1
+    assert watershed(probs, min_size=400).max() == 0
 
 
-def test_min_size_without_entry_names_the_param() -> None:
-    with pytest.raises(ParamsError, match="unet.min_size"):
-        watershed_instances(probs_from_labels(two_touching_discs()), cell_type="cort", min_size={"astro": 5})
+def test_min_size_per_cell_type_with_default() -> None:
+    """The U-Net's instances take the min_size of the (predicted) cell type, else the ``default`` one."""
+    probs = small_and_large_blob()
+    post = project_params("postprocess.unet", min_size={"shsy5y": 30, "astro": 150, "default": 400})
+    assert unet_instances(probs, "shsy5y", post).max() == 2
+    kept = unet_instances(probs, "astro", post)
+    assert kept.max() == 1 and kept[20, 20] == 1 and kept[45, 70] == 0
+    assert unet_instances(probs, "cort", post).max() == 0  # not named: the default
+
+
+@pytest.mark.parametrize(
+    ("min_size", "message"),
+    [
+        ({"astro": 5}, "no entry for shsy5y, cort and no 'default'"),
+        ({"astro": 5, "hela": 5, "default": 5}, "unknown cell type 'hela'"),
+    ],
+)
+def test_min_size_must_cover_every_cell_type(min_size: dict[str, int], message: str) -> None:
+    """The params validation, not the watershed, refuses a per-type min_size that misses a cell type."""
+    post = {name: project_params(f"postprocess.{name}").model_dump() for name in ("unet", "maskrcnn")}
+    post["unet"]["min_size"] = min_size
+    with pytest.raises(ParamsError, match=rf"postprocess\.unet\.min_size: .*{message}"):
+        config.section({"postprocess": post}, "postprocess")
 
 
 def test_empty_probabilities_give_no_instances() -> None:
     probs = np.zeros((3, *SHAPE), dtype=np.float32)
     probs[0] = 1
-    labels = watershed_instances(probs)
+    labels = watershed(probs)
     assert labels.dtype == np.uint16 and not labels.any()
 
 

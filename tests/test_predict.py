@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,27 +17,33 @@ from PIL import Image
 from torch import nn
 
 from cellseg import rle
+from cellseg.celltypes import CELL_TYPES, category_id
 from cellseg.checkpoint import save_checkpoint
 from cellseg.cli import build_parser
-from cellseg.config import UNetParams
 from cellseg.errors import DataError
-from cellseg.models.unet import UNetPredictor
+from cellseg.inference import load_predictor
 from cellseg.io import MARKER, read_labels
-from cellseg.models.unet import build_unet
+from cellseg.models.unet import UNetPredictor, build_unet
 from cellseg.predict import predict_images, submission_rows
-from cellseg.celltypes import CELL_TYPES, category_id
+from helpers.project import project_params
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    params = UNetParams(encoder="resnet18", min_size={"shsy5y": 5, "astro": 5, "cort": 5}, marker_threshold=0.3)
+def save_unet(path: Path, postprocess: dict[str, Any]) -> Path:
+    """A U-Net checkpoint (resnet18, random weights) at ``path`` storing the post-processing params ``postprocess``."""
+    params = project_params("unet", encoder="resnet18")
     torch.manual_seed(0)
-    model = build_unet(encoder="resnet18", classes=3, decoder_channels=params.decoder_channels)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_checkpoint(path, "unet", {"model_params": params.model_dump(), "model_state": model.state_dict(), "epoch": 1})
+    model = build_unet(params)
+    save_checkpoint(path, "unet", {"model_params": params.model_dump(), "postprocess": postprocess,
+                                   "model_state": model.state_dict(), "epoch": 1})
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    post = project_params("postprocess.unet", min_size={"default": 5}, marker_threshold=0.3)
+    return save_unet(tmp_path_factory.mktemp("ckpt") / "best.pt", post.model_dump())
 
 
 @pytest.fixture
@@ -98,8 +105,9 @@ def test_unet_cells_get_the_heads_cell_type_and_its_min_size(cell_type: str, n_c
     """Two dark squares of 100 and 36 pixels; the head's cell type picks the minimum size (no truth is given)."""
     image = np.full((64, 96), 210, dtype=np.uint8)
     image[5:15, 5:15] = image[30:36, 50:56] = 40
-    params = UNetParams(encoder="resnet18", min_size={"shsy5y": 1, "cort": 50, "astro": 1000})
-    (found,) = UNetPredictor(DarkCells(cell_type), params, CPU).predict([image])
+    params = project_params("unet", encoder="resnet18")
+    post = project_params("postprocess.unet", min_size={"shsy5y": 1, "cort": 50, "astro": 1000})
+    (found,) = UNetPredictor(DarkCells(cell_type), params, post, CPU).predict([image])
     assert found.image_type == cell_type and found.image_class == category_id(cell_type)
     assert len(found) == int(found.labels.max()) == n_cells
     assert found.classes.tolist() == [found.image_class] * n_cells
@@ -155,15 +163,19 @@ def test_a_foreign_checkpoint_is_refused(images: Path, tmp_path: Path) -> None:
 
 
 def test_postprocess_params_can_be_overridden_without_retraining(checkpoint: Path) -> None:
-    from cellseg.inference import load_predictor
-
-    tuned = load_predictor(checkpoint, CPU, {"mask_threshold": 0.7, "min_size": {"shsy5y": 50, "astro": 50, "cort": 50}})
-    assert tuned.params.mask_threshold == 0.7 and tuned.params.min_size["cort"] == 50
+    stored = load_predictor(checkpoint, CPU)
+    assert stored.post.marker_threshold == 0.3 and stored.post.min_size == {"default": 5}
+    tuned = load_predictor(checkpoint, CPU, project_params("postprocess.unet", mask_threshold=0.7))
+    assert tuned.post == project_params("postprocess.unet", mask_threshold=0.7)  # replaces the stored ones whole
     assert tuned.params.encoder == "resnet18"  # the architecture stays the checkpoint's
-    with pytest.raises(ValueError, match="not post-processing params of unet: \\['encoder'\\]"):
-        load_predictor(checkpoint, CPU, {"encoder": "resnet34"})
-    with pytest.raises(DataError, match="stored model_params are invalid"):
-        load_predictor(checkpoint, CPU, {"mask_threshold": 2.0})
+    with pytest.raises(TypeError, match="unet post-processing takes UNetPostprocess, not MaskRCNNPostprocess"):
+        load_predictor(checkpoint, CPU, project_params("postprocess.maskrcnn"))
+
+
+def test_invalid_stored_postprocess_is_refused(tmp_path: Path) -> None:
+    invalid = {**project_params("postprocess.unet").model_dump(), "mask_threshold": 2.0}
+    with pytest.raises(DataError, match="stored postprocess are invalid \\(mask_threshold: "):
+        load_predictor(save_unet(tmp_path / "bad.pt", invalid), CPU)
 
 
 def test_tiny_images_and_odd_entries(checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,6 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 import cellseg.io
-from cellseg.errors import ParamsError
 from cellseg.io import MARKER
 from cellseg.rle import decode, encode
 from cellseg.sources import synthetic
@@ -163,13 +162,6 @@ def test_image_k_does_not_depend_on_the_number_of_images(tmp_path):
     pd.testing.assert_frame_equal(first_two, short)
     for name in (tmp_path / "short" / "train").iterdir():
         assert name.read_bytes() == (tmp_path / "long" / "train" / name.name).read_bytes()
-
-
-@pytest.mark.parametrize(("n_images", "seed"), [(0, 0), (-3, 0), (2.5, 0), (True, 0), (1, -1)])
-def test_bad_parameters_raise_params_error(tmp_path, n_images, seed):
-    with pytest.raises(ParamsError, match="n_images|seed"):
-        synthesize(tmp_path / "raw", n_images, seed)
-    assert not (tmp_path / "raw").exists()
 
 
 def test_box_encoder_matches_full_image_encoder():

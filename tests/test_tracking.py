@@ -336,22 +336,28 @@ def test_check_server_status_codes(http_status_server: tuple[str, list[int]]) ->
 
 def test_training_tracker_names_the_run_and_lists_its_inputs(in_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What both training stages open: a run named for the model, data source and DVC experiment, whose
-    Dataset column lists each input with its DVC digest; with tracking off, nothing."""
-    from cellseg.config import DataParams, TrackingParams
+    Dataset column lists each input (the decode stage's folder, the split file) with its DVC digest; with
+    tracking off, nothing."""
+    from helpers.project import project_params
 
     root = in_store / "sartorius"
-    root.mkdir()
-    (root / "coco_train.json").write_text("{}")
+    (root / "decoded").mkdir(parents=True)
+    (root / "decoded" / "images.parquet").write_bytes(b"tables")
+    (root / "split.json").write_text("{}")
     monkeypatch.setenv("DVC_EXP_NAME", "exp-7")
-    data = DataParams(source="kaggle", root=str(root), limit_images=5, seed=0)
-    tracking = TrackingParams(enabled=True, uri=None, experiment="stages")
-    tracker, inputs = training_tracker(tracking, data, "maskrcnn", [(root / "coco_train.json", "training")])
+    data = project_params("data", source="kaggle", root=str(root), limit_images=5)
+    tracking = project_params("tracking", enabled=True, uri=None, experiment="stages")
+    inputs = [(root / "decoded", "training"), (root / "split.json", "split")]
+    tracker, datasets = training_tracker(tracking, data, "maskrcnn", inputs)
+    assert [d.context for d in datasets] == ["training", "split"]
     with tracker:
-        tracker.start(params={}, inputs=inputs)
+        tracker.start(params={}, inputs=datasets)
         run_id = tracker.run_id
     run = _client().get_run(run_id)
     assert run.info.run_name == "maskrcnn · kaggle · exp-7"
-    (logged,) = run.inputs.dataset_inputs
-    assert (logged.dataset.name, logged.dataset.digest) == ("kaggle:sartorius[5 images]", _md5(b"{}"))
-    off, none = training_tracker(TrackingParams(enabled=False, uri=None, experiment="x"), data, "unet", [(root, "training")])
-    assert type(off) is Tracker and none == []
+    logged = sorted((d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs)
+    expected = [("kaggle:sartorius[5 images]", _dvc_dir_md5(root / "decoded")), ("kaggle:sartorius[5 images]", _md5(b"{}"))]
+    assert logged == sorted(expected)
+    off = project_params("tracking", enabled=False, uri=None, experiment="x")
+    off_tracker, none = training_tracker(off, data, "unet", [(root, "training")])
+    assert type(off_tracker) is Tracker and none == []

@@ -27,15 +27,16 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from cellseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from cellseg.config import TrainParams, UNetParams
+from cellseg.config import TrainParams
 from cellseg.augment import build_augmentations
 from cellseg.data import IGNORE_INDEX, PatchDataset, WholeImageDataset
 from cellseg.errors import DataError, TrainingError
 from cellseg.models.unet import UNetTask, build_unet
 from cellseg.celltypes import CELL_TYPES
 from cellseg.tracking import Tracker, dataset_input, open_tracker, run_record
-from cellseg.train import autocast, fit, mixed_precision, train_tracked, warmup_cosine
-from helpers.fit_job import MEAN, STD, TinyNet, config, new_model, stable
+from cellseg.train import TrainingRun, autocast, fit, mixed_precision, train_tracked, warmup_cosine
+from helpers.fit_job import MEAN, STD, TinyNet, config, new_model, run_in, stable, unet_task_args
+from helpers.project import project_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,10 +53,7 @@ def run_fit(
     tracker: Tracker | None = None,
 ) -> list[dict[str, float]]:
     """``fit`` a fresh seeded :class:`TinyNet` into ``out/models`` and ``out/epochs.csv``."""
-    return fit(
-        new_model(), task or UNetTask(UNetParams()), *sets, cfg, out / "models", out / "epochs.csv", tracker or Tracker(),
-        val_collate_fn=WholeImageDataset.collate,
-    )
+    return fit(new_model(), task or UNetTask(*unet_task_args()), *sets, cfg, run_in(out, tracker))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -79,7 +77,7 @@ class InterruptAt(UNetTask):
     """:class:`UNetTask` that fails in the validation of epoch ``epoch`` (after that epoch's training)."""
 
     def __init__(self, epoch: int) -> None:
-        super().__init__(UNetParams())
+        super().__init__(*unet_task_args())
         self.epoch, self.calls = epoch, 0
 
     def validate(self, model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
@@ -111,7 +109,8 @@ def test_warmup_cosine() -> None:
 def test_training_steps_lower_the_loss(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
     """A U-Net (resnet18 encoder) trained on one fixed batch of patches: the loss goes down."""
     torch.manual_seed(0)
-    model, task, device = build_unet(encoder="resnet18"), UNetTask(UNetParams(encoder="resnet18")), torch.device("cpu")
+    params = project_params("unet", encoder="resnet18")
+    model, task, device = build_unet(params), UNetTask(*unet_task_args(encoder="resnet18")), torch.device("cpu")
     batch = default_collate([sets[0][i] for i in range(4)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with torch.no_grad():
@@ -139,10 +138,10 @@ def test_type_head_learns(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
     """A tiny resnet18 U-Net on windows of two cell types: a few steps teach its head the windows' types; with
     ``type_loss_weight: 0`` the head gets no gradient."""
     batch = _two_type_batch(sets[0])
-    params = UNetParams(encoder="resnet18", decoder_channels=[16] * 5, type_loss_weight=1.0)
+    params, post, _ = unet_task_args(encoder="resnet18", decoder_channels=[16] * 5, type_loss_weight=1.0)
     torch.manual_seed(0)
-    model = build_unet(encoder="resnet18", decoder_channels=params.decoder_channels)
-    task = UNetTask(params)
+    model = build_unet(params)
+    task = UNetTask(params, post, False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
     for _ in range(6):
@@ -155,7 +154,7 @@ def test_type_head_learns(sets: tuple[PatchDataset, WholeImageDataset]) -> None:
         last = task.train_step(model, batch, CPU)
     assert float(last["type_ce"]) < 0.1 * history[0][0] and float(last["type_accuracy"]) == 1.0, history
 
-    unweighted = UNetTask(params.model_copy(update={"type_loss_weight": 0.0}))
+    unweighted = UNetTask(params.model_copy(update={"type_loss_weight": 0.0}), post, False)
     model.zero_grad()
     unweighted.train_step(model, batch, CPU)["loss"].backward()
     assert all(not p.grad.any() for p in model.classification_head.parameters())
@@ -189,7 +188,8 @@ def test_validate_scores_instances_with_the_predicted_cell_type(sets: tuple[Patc
         logits = 20.0 * F.one_hot(pixels, 3).permute(2, 0, 1).float().unsqueeze(0)
         type_logits = 20.0 * F.one_hot(torch.tensor([CELL_TYPES.index(guess[item["cell_type"]])]), 3).float()
         outputs.append((logits, type_logits))
-    task = UNetTask(UNetParams(min_size={"shsy5y": 1, "astro": 1, "cort": 10**6}))
+    post = project_params("postprocess.unet", min_size={"shsy5y": 1, "astro": 1, "cort": 10**6})
+    task = UNetTask(project_params("unet"), post, False)
     loader = DataLoader(val, batch_size=1, collate_fn=WholeImageDataset.collate)
 
     metrics = task.validate(ReplayNet(outputs), loader, CPU)
@@ -235,7 +235,7 @@ class AutocastRecorder(UNetTask):
     """:class:`UNetTask` that records whether each training step ran under CPU autocast, and in which dtype."""
 
     def __init__(self) -> None:
-        super().__init__(UNetParams())
+        super().__init__(*unet_task_args())
         self.steps: list[tuple[bool, torch.dtype]] = []
 
     def train_step(self, model: nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -259,10 +259,7 @@ def test_channels_last_applies_on_cpu(
     sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path, channels_last: bool
 ) -> None:
     model = new_model()
-    fit(
-        model, UNetTask(UNetParams()), *sets, config(epochs=1, channels_last=channels_last), tmp_path / "models",
-        tmp_path / "epochs.csv", Tracker(), val_collate_fn=WholeImageDataset.collate,
-    )
+    fit(model, UNetTask(*unet_task_args()), *sets, config(epochs=1, channels_last=channels_last), run_in(tmp_path))
     weight = model.features[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     assert weight.is_contiguous() is not channels_last
@@ -277,7 +274,7 @@ def test_best_checkpoint_follows_the_tasks_monitor(
     class DiceMonitored(UNetTask):
         monitor = "dice"
 
-    history = run_fit(sets, tmp_path, config(epochs=3), task=DiceMonitored(UNetParams()))
+    history = run_fit(sets, tmp_path, config(epochs=3), task=DiceMonitored(*unet_task_args()))
     assert_best_is_argmax(tmp_path / "models", history, monitor="val/dice")
     assert load_checkpoint(tmp_path / "models" / "best.pt", "unet")["epoch"] > 1
 
@@ -454,7 +451,7 @@ def test_checkpoint_content_hash_catches_a_changed_checkpoint(tmp_path: Path, ch
 
 def test_checkpoint_without_a_hash_is_refused(tmp_path: Path) -> None:
     torch.save({"format": FORMAT, "version": 1, "model": "unet", "model_state": {}}, tmp_path / "old.pt")
-    with pytest.raises(DataError, match="old.pt: checkpoint format version 1; this cellseg reads 2"):
+    with pytest.raises(DataError, match=f"old.pt: checkpoint format version 1; this cellseg reads {VERSION}"):
         load_checkpoint(tmp_path / "old.pt")
 
 
@@ -465,7 +462,7 @@ def test_a_batch_beyond_free_memory_is_refused_before_training(sets: tuple[Patch
     from cellseg.train import check_memory
 
     train_set = sets[0]
-    task = UNetTask(UNetParams())
+    task = UNetTask(*unet_task_args())
     free = free_memory(torch.device("cpu"))
     if free is None:
         pytest.skip("free memory cannot be told on this machine")
@@ -508,7 +505,7 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path, kind: str)
 
 def test_non_finite_loss_stops_training(sets: tuple[PatchDataset, WholeImageDataset], tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="non-finite loss"):
-        run_fit(sets, tmp_path, config(epochs=1), task=NaNTask(UNetParams()))
+        run_fit(sets, tmp_path, config(epochs=1), task=NaNTask(*unet_task_args()))
     assert not (tmp_path / "models" / "last.pt").exists()
 
 
@@ -555,11 +552,11 @@ def test_train_tracked_records_the_run(
     record = run_record(raw, "unet", inputs, repo_dir=REPO)
     assert record["run_tags"]["data_source"] == "synthetic" and record["run_inputs"] == inputs
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = train_tracked(
-        new_model(), UNetTask(UNetParams()), *sets, cfg, model_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
-        tracker=open_tracker(uri=uri, experiment="train-test", run_name="unet"), model_params={"encoder": "tiny"},
-        val_collate_fn=WholeImageDataset.collate, **record,
+    run = TrainingRun(
+        tmp_path / "models", tmp_path / "metrics", open_tracker(uri=uri, experiment="train-test", run_name="unet"),
+        {"model_params": {"encoder": "tiny"}}, record["run_params"], record["run_tags"], record["run_inputs"],
     )
+    summary = train_tracked(new_model(), UNetTask(*unet_task_args()), *sets, cfg, run)
     history = load_checkpoint(tmp_path / "models" / "last.pt", "unet")["history"]
     client = MlflowClient(uri)
     run = client.get_run(summary["mlflow_run_id"])

@@ -14,10 +14,8 @@ from pycocotools import mask as mask_utils
 from cellseg.cocorle import batched, rle_to_coco
 from cellseg.errors import DataError
 from cellseg.io import atomic_path
-from cellseg.celltypes import CELL_TYPES
+from cellseg.celltypes import CATEGORY_IDS
 from cellseg.sources import IMAGE_METADATA
-
-CATEGORY_IDS: dict[str, int] = {name: k + 1 for k, name in enumerate(CELL_TYPES)}
 
 
 def to_coco(images: pd.DataFrame, instances: pd.DataFrame, image_ids: Sequence[str]) -> dict:

@@ -1,8 +1,8 @@
 """Typed, validated parameters: one pydantic model per ``params.yaml`` section.
 
 A wrong value fails before any work, with the parameter's dotted name in the message: a wrong type, a value
-out of its range (bounds that keep a run within what a machine can hold), a device the machine lacks, an
-unknown key or section. The file itself is read within bounds: at most :data:`MAX_PARAMS_BYTES`, no YAML
+out of its range (bounds that keep a run within what a machine can hold), a device the machine lacks, a
+missing or unknown key or section. No field has a default: ``params.yaml`` is the one source of them. The file itself is read within bounds: at most :data:`MAX_PARAMS_BYTES`, no YAML
 aliases (a few of them expand into gigabytes), nesting at most :data:`MAX_DEPTH` deep.
 """
 
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cellseg.errors import ParamsError
+from cellseg.celltypes import CELL_TYPES, DEFAULT
+from cellseg.errors import ParamsError, cut
 
 MAX_PARAMS_BYTES = 1 << 20
 MAX_DEPTH = 32
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's and torch's seed range
-MinSize = dict[str, Annotated[int, Field(ge=0, le=1_000_000)]]
 
 
 def _check_device(name: str) -> str:
@@ -37,12 +37,25 @@ def _check_augment(name: str) -> str:
     return name
 
 
+def _check_cell_types(values: dict[str, Any]) -> dict[str, Any]:
+    """A per-cell-type param names only cell types (and :data:`~cellseg.celltypes.DEFAULT`), and covers them all."""
+    keys = (*CELL_TYPES, DEFAULT)
+    if unknown := [key for key in values if key not in keys]:
+        raise ValueError(f"unknown cell type {unknown[0]!r}; the keys are {', '.join(keys)}")
+    if DEFAULT not in values and (missing := [name for name in CELL_TYPES if name not in values]):
+        raise ValueError(f"no entry for {', '.join(missing)} and no {DEFAULT!r}")
+    return values
+
+
 Device = Annotated[str, AfterValidator(_check_device)]
 Augment = Annotated[str, AfterValidator(_check_augment)]
+MinSize = Annotated[dict[str, Annotated[int, Field(ge=0, le=1_000_000)]], AfterValidator(_check_cell_types)]
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class Section(BaseModel):
-    """Base of every params section: unknown keys and type coercions are refused."""
+    """Base of every params section: every key is required (``params.yaml`` is the one source of defaults);
+    unknown keys and type coercions are refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
@@ -50,25 +63,25 @@ class Section(BaseModel):
 class DataParams(Section):
     """``data``: where the raw data comes from."""
 
-    source: Literal["synthetic", "kaggle", "livecell"] = "synthetic"
-    root: str = "data/raw/synthetic"
-    limit_images: int | None = Field(default=None, ge=1)
-    seed: Seed = 0
+    source: Literal["synthetic", "kaggle", "livecell"]
+    root: str
+    limit_images: int | None = Field(ge=1)
+    seed: Seed
 
 
 class SynthParams(Section):
     """``synth``: the embedded synthetic data set (used when ``data.source`` is ``synthetic``)."""
 
-    images: int = Field(default=24, ge=1, le=10_000)  # 10,000 images: about 2 GB of PNG
-    seed: Seed = 0
+    images: int = Field(ge=1, le=10_000)  # 10,000 images: about 2 GB of PNG
+    seed: Seed
 
 
 class SplitParams(Section):
     """``split``: K-fold split stratified by cell type, grouped by sample."""
 
-    n_folds: int = Field(default=5, ge=2, le=1000)
-    fold: int = Field(default=0, ge=0)
-    seed: Seed = 0
+    n_folds: int = Field(ge=2, le=1000)
+    fold: int = Field(ge=0)
+    seed: Seed
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> SplitParams:
@@ -80,89 +93,101 @@ class SplitParams(Section):
 class PatchParams(Section):
     """``patches``: one training window per annotated cell of the training split."""
 
-    size: int = Field(default=256, ge=32, le=2048, multiple_of=32)
-    jitter: float = Field(default=0.5, ge=0.0, le=1.0)
-    per_cell: int = Field(default=1, ge=1, le=100)
-    background_fraction: float = Field(default=0.05, ge=0.0, le=10.0)
-    seed: Seed = 0
+    size: int = Field(ge=32, le=2048, multiple_of=32)
+    jitter: float = Field(ge=0.0, le=1.0)
+    per_cell: int = Field(ge=1, le=100)
+    background_fraction: float = Field(ge=0.0, le=10.0)
+    seed: Seed
 
 
-class UNetParams(Section):
-    """``unet``: the U-Net, its targets, loss, augmentations and watershed post-processing."""
+class ModelInput(Section):
+    """What every model section has: the training augmentations and the input normalisation (0..1 scale)."""
 
-    encoder: str = "efficientnet-b0"
-    encoder_weights: str = "none"  # imagenet | none | <path to a local weights file>
-    decoder_channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
-        default_factory=lambda: [128, 64, 32, 16, 16], min_length=5, max_length=5
-    )
-    channels: Literal[1, 3] = 3
-    loss: Literal["ce", "ce_dice"] = "ce_dice"
-    type_loss_weight: float = Field(default=0.3, ge=0.0, le=100.0)
-    boundary_width: int = Field(default=1, ge=1, le=5)
-    augment: list[Augment] = Field(default_factory=lambda: ["hflip", "vflip", "rotate90", "brightness_contrast"])
-    mean: float = Field(default=0.5, ge=0.0, le=1.0)
-    std: float = Field(default=0.25, gt=0.0)
-    marker_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    min_size: MinSize = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
+    augment: list[Augment]
+    mean: float = Field(ge=0.0, le=1.0)
+    std: float = Field(gt=0.0)
+
+
+class UNetParams(ModelInput):
+    """``unet``: the U-Net, its targets, loss and augmentations."""
+
+    encoder: str
+    encoder_weights: str  # imagenet | none | <path to a local weights file>
+    decoder_channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(min_length=5, max_length=5)
+    channels: Literal[1, 3]
+    loss: Literal["ce", "ce_dice"]
+    type_loss_weight: float = Field(ge=0.0, le=100.0)
+    boundary_width: int = Field(ge=1, le=5)
+
+
+class MaskRCNNParams(ModelInput):
+    """``maskrcnn``: torchvision's Mask R-CNN R50-FPN v2, sized for cells."""
+
+    weights: str  # coco | none | <path to a local weights file>
+    image_scale: float = Field(gt=0.0, le=4.0)  # 2.0: 704×520 images upscaled ×2
+    anchor_sizes: list[Annotated[int, Field(ge=1, le=2048)]] = Field(min_length=5, max_length=5)
+    aspect_ratios: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(min_length=1, max_length=32)
+    detections_per_img: int = Field(ge=1, le=20_000)
+    rpn_pre_nms_top_n: int = Field(ge=1, le=200_000)
+    rpn_post_nms_top_n: int = Field(ge=1, le=200_000)
+    box_batch_size_per_image: int = Field(ge=1, le=20_000)
 
 
 class TrainParams(Section):
     """``train.<model>``: the shared trainer's settings for one model."""
 
-    epochs: int = Field(default=15, ge=1, le=100_000)
-    batch_size: int = Field(default=16, ge=1, le=4096)  # per process under torchrun (global batch: batch_size × processes)
-    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(default=1e-4, ge=0.0, le=10.0)
-    warmup_epochs: float = Field(default=0.5, ge=0.0, le=100_000)
-    grad_clip: float | None = Field(default=1.0, gt=0.0)
-    workers: int = Field(default=2, ge=0, le=256)
-    seed: Seed = 0
-    resume: bool = False
-    amp: bool = True
-    channels_last: bool = True
-    device: Device = "auto"
-    samples_per_epoch: int | None = Field(default=None, ge=1, le=100_000_000)  # over all processes under torchrun
-
-
-class MaskRCNNParams(Section):
-    """``maskrcnn``: torchvision's Mask R-CNN R50-FPN v2, sized for cells."""
-
-    weights: str = "none"  # coco | none | <path to a local weights file>
-    image_scale: float = Field(default=1.0, gt=0.0, le=4.0)  # 2.0: 704×520 images upscaled ×2
-    anchor_sizes: list[Annotated[int, Field(ge=1, le=2048)]] = Field(
-        default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
-    )
-    aspect_ratios: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
-        default_factory=lambda: [0.33, 0.5, 1.0, 2.0, 3.0], min_length=1, max_length=32
-    )
-    detections_per_img: int = Field(default=1000, ge=1, le=20_000)
-    rpn_pre_nms_top_n: int = Field(default=6000, ge=1, le=200_000)
-    rpn_post_nms_top_n: int = Field(default=3000, ge=1, le=200_000)
-    box_batch_size_per_image: int = Field(default=512, ge=1, le=20_000)
-    mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    score_threshold: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
-        default_factory=lambda: {"shsy5y": 0.3, "astro": 0.4, "cort": 0.5}, min_length=1
-    )
-    min_size: MinSize = Field(default_factory=lambda: {"shsy5y": 20, "astro": 100, "cort": 30})
-    augment: list[Augment] = Field(default_factory=lambda: ["hflip", "vflip"])
-    mean: float = Field(default=0.5, ge=0.0, le=1.0)
-    std: float = Field(default=0.25, gt=0.0)
+    epochs: int = Field(ge=1, le=100_000)
+    batch_size: int = Field(ge=1, le=4096)  # per process under torchrun (global batch: batch_size × processes)
+    lr: float = Field(gt=0.0, le=10.0)
+    weight_decay: float = Field(ge=0.0, le=10.0)
+    warmup_epochs: float = Field(ge=0.0, le=100_000)
+    grad_clip: float | None = Field(gt=0.0)
+    workers: int = Field(ge=0, le=256)
+    seed: Seed
+    resume: bool
+    amp: bool
+    channels_last: bool
+    device: Device
+    samples_per_epoch: int | None = Field(ge=1, le=100_000_000)  # over all processes under torchrun
 
 
 class TrainSection(Section):
     """``train``: one block of trainer settings per model."""
 
-    unet: TrainParams = TrainParams()
-    maskrcnn: TrainParams = TrainParams(batch_size=2, lr=0.0002)
+    unet: TrainParams
+    maskrcnn: TrainParams
+
+
+class UNetPostprocess(Section):
+    """``postprocess.unet``: the watershed that makes instances of the U-Net's probabilities."""
+
+    marker_threshold: Probability
+    mask_threshold: Probability
+    min_size: MinSize
+
+
+class MaskRCNNPostprocess(Section):
+    """``postprocess.maskrcnn``: which Mask R-CNN detections become instances."""
+
+    mask_threshold: Probability
+    score_threshold: Annotated[dict[str, Annotated[float, Field(ge=0.0, le=1.0)]], AfterValidator(_check_cell_types)]
+    min_size: MinSize
+
+
+class PostprocessSection(Section):
+    """``postprocess``: one block per model; read by its training's validation (which picks ``best.pt``), stored
+    in its checkpoints (``cellseg predict`` uses them) and read again by ``evaluate``."""
+
+    unet: UNetPostprocess
+    maskrcnn: MaskRCNNPostprocess
 
 
 class TrackingParams(Section):
     """``tracking``: MLflow. ``uri: null`` → ``MLFLOW_TRACKING_URI`` or the local default store."""
 
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = Field(default="cellseg", min_length=1, max_length=500)
+    enabled: bool
+    uri: str | None
+    experiment: str = Field(min_length=1, max_length=500)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -173,6 +198,7 @@ SECTIONS: dict[str, type[Section]] = {
     "unet": UNetParams,
     "maskrcnn": MaskRCNNParams,
     "train": TrainSection,
+    "postprocess": PostprocessSection,
     "tracking": TrackingParams,
 }
 
@@ -208,7 +234,7 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({_cut(' '.join(str(exc).split()), 300)})") from None
+        raise ParamsError(f"{path}: not valid YAML ({cut(' '.join(str(exc).split()), 300)})") from None
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
@@ -219,13 +245,8 @@ def read_params(path: str | Path = "params.yaml") -> dict:
         if name not in SECTIONS:
             close = difflib.get_close_matches(str(name), SECTIONS, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"the sections are {', '.join(SECTIONS)}"
-            raise ParamsError(f"{path}: unknown section {_cut(repr(name))}: {hint}")
+            raise ParamsError(f"{path}: unknown section {cut(repr(name))}: {hint}")
     return raw
-
-
-def _cut(text: str, limit: int = 80) -> str:
-    """``text`` cut to ``limit`` characters: what a message echoes of the file stays short."""
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def data_root(raw: dict) -> Path | None:
@@ -238,7 +259,9 @@ def data_root(raw: dict) -> Path | None:
 def section(raw: dict, name: str, model: type[S] | None = None, *, path: str | Path = "params.yaml") -> S:
     """Validate the section ``name`` of ``raw`` params; errors name ``section.key`` and the bad value."""
     model = model or SECTIONS[name]
-    values = raw.get(name) or {}
+    if name not in raw:
+        raise ParamsError(f"{path}: no section {name!r} (params.yaml in the repository has every section)")
+    values = raw[name]
     if not isinstance(values, dict):
         raise ParamsError(f"{path}: {name}: expected a mapping, got {type(values).__name__}")
     try:
@@ -246,7 +269,7 @@ def section(raw: dict, name: str, model: type[S] | None = None, *, path: str | P
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join([name, *map(str, error["loc"])]) if error["loc"] else name
-        given = f" (got {_cut(repr(error['input']))})" if error["type"] != "missing" and error["loc"] else ""
+        given = f" (got {cut(repr(error['input']))})" if error["type"] != "missing" and error["loc"] else ""
         raise ParamsError(f"{path}: {key}: {error['msg']}{given}") from None
 
 

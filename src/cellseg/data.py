@@ -7,7 +7,6 @@ another cell or the background), so that touching cells stay apart once the inte
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,23 @@ from torch.utils.data import Dataset, get_worker_info
 from tqdm import tqdm
 
 from cellseg.decode import IMAGES_TABLE, LABELS_DIR
-from cellseg.errors import DataError, ParamsError
+from cellseg.errors import DataError
 from cellseg.io import read_gray, read_labels
 from cellseg.celltypes import CELL_TYPES
 
 log = logging.getLogger(__name__)
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+N_CLASSES = 3
 IGNORE_INDEX = 255
 
 
-def targets_from_labels(labels: np.ndarray, boundary_width: int = 1) -> np.ndarray:
+def targets_from_labels(labels: np.ndarray, boundary_width: int) -> np.ndarray:
     """The uint8 class map of an instance label image: 0 background, 1 interior, 2 boundary.
 
     Boundary pixels are a cell's own pixels next to another label or the background (4-connectivity),
     grown inwards to ``boundary_width`` pixels; background pixels are never boundary.
     """
-    if isinstance(boundary_width, bool) or not isinstance(boundary_width, numbers.Integral) or boundary_width < 1:
-        raise ParamsError(f"boundary_width: expected an integer >= 1, got {boundary_width!r}")
     foreground = labels > 0
     boundary = find_boundaries(labels, mode="inner")
     if boundary_width > 1:
@@ -50,9 +48,12 @@ def targets_from_labels(labels: np.ndarray, boundary_width: int = 1) -> np.ndarr
 
 
 class ImageStore:
-    """Every listed image, its label image and its targets, read once and held in memory."""
+    """Every listed image and its label image, read once and held in memory; with a ``boundary_width`` (the
+    U-Net's), their U-Net targets too."""
 
-    def __init__(self, data_root: Path, decoded_dir: Path, image_ids: Sequence[str], boundary_width: int = 1) -> None:
+    def __init__(
+        self, data_root: Path, decoded_dir: Path, image_ids: Sequence[str], boundary_width: int | None = None
+    ) -> None:
         data_root, decoded_dir = Path(data_root), Path(decoded_dir)
         table = _image_table(decoded_dir, image_ids)
         self._images: dict[str, np.ndarray] = {}
@@ -62,12 +63,12 @@ class ImageStore:
         for row in tqdm(table.itertuples(index=False), total=len(table), desc="load images", unit="img"):
             image = read_gray(data_root / row.file_name)
             labels = _read_label_file(decoded_dir / LABELS_DIR / f"{row.image_id}.png", image.shape)
-            targets = targets_from_labels(labels, boundary_width)
-            for array in (image, labels, targets):
+            arrays = [(self._images, image), (self._labels, labels)]
+            if boundary_width is not None:
+                arrays.append((self._targets, targets_from_labels(labels, boundary_width)))
+            for held, array in arrays:
                 array.flags.writeable = False  # crops are views: nothing may alter the cache
-            self._images[row.image_id] = image
-            self._labels[row.image_id] = labels
-            self._targets[row.image_id] = targets
+                held[row.image_id] = array
             self._cell_types[row.image_id] = str(row.cell_type)
         log.info("loaded %d images into memory (%.0f MB)", len(table), self.nbytes / 2**20)
 
@@ -91,7 +92,9 @@ class ImageStore:
         return self._get(self._labels, image_id)
 
     def targets(self, image_id: str) -> np.ndarray:
-        """The uint8 H×W class map (:func:`targets_from_labels`)."""
+        """The uint8 H×W class map (:func:`targets_from_labels`); only a store given a ``boundary_width`` has them."""
+        if not self._targets:
+            raise DataError("this image store holds no U-Net targets (it was given no boundary_width)")
         return self._get(self._targets, image_id)
 
     def cell_type(self, image_id: str) -> str:
@@ -132,10 +135,6 @@ def normalize(image_uint8: np.ndarray, mean: float, std: float, channels: int) -
 
     ``mean`` and ``std`` are on the [0, 1] scale.
     """
-    if channels not in (1, 3):
-        raise ParamsError(f"channels: expected 1 or 3, got {channels!r}")
-    if not std > 0:
-        raise ParamsError(f"std: expected a positive number, got {std!r}")
     grey = torch.from_numpy(image_uint8.astype(np.float32)).div_(255.0).sub_(mean).div_(std)
     return grey.unsqueeze(0).repeat(channels, 1, 1)
 
@@ -251,8 +250,6 @@ class WholeImageDataset(Dataset):
         channels: int,
         pad_multiple: int = 32,
     ) -> None:
-        if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, numbers.Integral) or pad_multiple < 1:
-            raise ParamsError(f"pad_multiple: expected an integer >= 1, got {pad_multiple!r}")
         self.image_ids = list(image_ids)
         for image_id in self.image_ids:
             store.image(image_id)  # fail now, not in a worker, on an id the store lacks

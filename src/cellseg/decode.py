@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cellseg import rle
 from cellseg.errors import DataError
+from cellseg.instances import MAX_LABEL
 from cellseg.io import atomic_path, read_gray, write_png
 from cellseg.sources import SourceData
 
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 LABELS_DIR = "labels"
 IMAGES_TABLE = "images.parquet"
 INSTANCES_TABLE = "instances.parquet"
-MAX_INSTANCES = np.iinfo(np.uint16).max
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class DecodedImage:
 def decode_image(annotations: pd.DataFrame, shape: tuple[int, int], where: Path) -> DecodedImage:
     """Paint one image's annotations (one or more rows of ``SourceData.annotations``) into a uint16 label image."""
     height, width = shape
-    if len(annotations) > MAX_INSTANCES:
-        raise DataError(f"{where}: {len(annotations)} instances in one image; at most {MAX_INSTANCES} fit in uint16")
+    if len(annotations) > MAX_LABEL:
+        raise DataError(f"{where}: {len(annotations)} instances in one image; at most {MAX_LABEL} fit in uint16")
     indices = instance_pixels(annotations, shape, where)
     areas = np.array([len(i) for i in indices], dtype=np.int64)
     labels = np.zeros(height * width, dtype=np.uint16)

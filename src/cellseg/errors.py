@@ -1,6 +1,11 @@
 """The project's one exception family: caught at the CLI/stage boundary and printed as one line."""
 
 
+def cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: what a message echoes of a file or another library stays short."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
 class CellsegError(Exception):
     """Base of every error that cellseg raises on purpose (bad input, bad params, unreachable resources)."""
 

@@ -27,45 +27,42 @@ log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 
 
-def postprocess_params(section: BaseModel, name: str) -> dict[str, Any]:
-    """The post-processing params of model ``name`` (its registry entry's ``postprocess``) in its params
-    ``section``, as :func:`load_predictor` overrides the ones stored at training."""
-    return {key: getattr(section, key) for key in MODELS[name].postprocess}
+def load_predictor(checkpoint: str | Path, device: torch.device, post: BaseModel | None = None) -> Predictor:
+    """Rebuild the model a checkpoint file was trained as: :func:`predictor` of the loaded checkpoint."""
+    return predictor(load_checkpoint(checkpoint), checkpoint, device, post)
 
 
-def load_predictor(
-    checkpoint: str | Path, device: torch.device, postprocess: Mapping[str, Any] | None = None
+def predictor(
+    state: Mapping[str, Any], checkpoint: str | Path, device: torch.device, post: BaseModel | None = None
 ) -> Predictor:
-    """Rebuild the model a checkpoint was trained as (its params are stored in it) and load its weights.
+    """Rebuild the model of a loaded checkpoint ``state`` (its params are stored in it) with its weights.
 
-    ``postprocess`` overrides the stored post-processing params (:func:`postprocess_params`), so that
-    thresholds can be tuned without retraining; other keys are refused.
+    ``post``, the model's ``postprocess.<name>`` params, replaces the post-processing params stored at
+    training, so that thresholds can be tuned without retraining. Errors name the ``checkpoint`` file.
     """
-    state = load_checkpoint(checkpoint)
     name = state["model"]
     if name not in MODELS:
         raise DataError(f"{checkpoint}: checkpoint of unknown model {name!r}; cellseg knows {', '.join(MODELS)}")
     entry = MODELS[name]
-    missing = [key for key in ("model_params", "model_state") if not isinstance(state.get(key), dict)]
+    missing = [key for key in ("model_params", "postprocess", "model_state") if not isinstance(state.get(key), dict)]
     if missing:
         raise DataError(f"{checkpoint}: {name} checkpoint without {' or '.join(missing)}: not a trained model's checkpoint")
-    unknown = set(postprocess or {}) - set(entry.postprocess)
-    if unknown:
-        raise ValueError(f"not post-processing params of {name}: {sorted(unknown)}")
-    params = _stored_params(entry.params, {**state["model_params"], **(postprocess or {})}, checkpoint)
+    if post is not None and not isinstance(post, entry.postprocess):
+        raise TypeError(f"{name} post-processing takes {entry.postprocess.__name__}, not {type(post).__name__}")
+    params = _stored(entry.params, state, "model_params", checkpoint)
     model = entry.architecture(params)
     _load_weights(model, state["model_state"], checkpoint, name)
-    return entry.predictor(model, params, device)
+    return entry.predictor(model, params, post or _stored(entry.postprocess, state, "postprocess", checkpoint), device)
 
 
-def _stored_params(model: type[P], values: dict, checkpoint: str | Path) -> P:
-    """The model params stored in a checkpoint, validated; invalid ones raise :class:`DataError`."""
+def _stored(model: type[P], state: Mapping[str, Any], key: str, checkpoint: str | Path) -> P:
+    """The params stored under ``key`` in a checkpoint's ``state``, validated; invalid ones raise :class:`DataError`."""
     try:
-        return model.model_validate(values)
+        return model.model_validate(state[key])
     except ValidationError as exc:
         error = exc.errors()[0]
         raise DataError(
-            f"{checkpoint}: stored model_params are invalid ({'.'.join(map(str, error['loc']))}: {error['msg']})"
+            f"{checkpoint}: stored {key} are invalid ({'.'.join(map(str, error['loc']))}: {error['msg']})"
         ) from None
 
 

@@ -14,6 +14,8 @@ import numpy as np
 
 from cellseg.celltypes import UNKNOWN_CLASS, cell_type
 
+MAX_LABEL = int(np.iinfo(np.uint16).max)  # the most instances a uint16 label image holds
+
 
 @dataclass(frozen=True)
 class Instances:

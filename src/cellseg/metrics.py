@@ -5,25 +5,24 @@ Three families:
 * **Foreground pixel metrics** (:func:`pixel_counts`, :func:`iou_dice`): counts that callers sum over
   images (and per cell type) before turning them into IoU and Dice, so that a data set's IoU is
   ``sum(intersections) / sum(unions)``, not a mean of per-image ratios.
-* **The Sartorius competition metric** (:func:`image_score`, :func:`image_score_masks`,
-  :func:`dataset_score`, :class:`CompetitionScore`): per image, every predicted instance is compared
-  with every true one; at each threshold ``t`` of :data:`THRESHOLDS` a prediction matches a true
-  object when their IoU is strictly greater than ``t``; matches are one-to-one; the image scores
-  ``TP / (TP + FP + FN)`` averaged over the thresholds; a data set scores the mean over its images.
+* **The Sartorius competition metric** (:func:`image_score`, :class:`CompetitionScore`): per image,
+  every predicted instance is compared with every true one; at each threshold ``t`` of
+  :data:`THRESHOLDS` a prediction matches a true object when their IoU is strictly greater than
+  ``t``; matches are one-to-one; the image scores ``TP / (TP + FP + FN)`` averaged over the
+  thresholds; a data set scores the mean over its images.
 * **COCO AP** through pycocotools (:func:`coco_ap`).
 
 Conventions: a label image is an integer H×W array, 0 = background and every other value one
 instance (values need not be consecutive); a mask is a boolean H×W array (any nonzero value counts
-as foreground). IoUs are computed sparsely, from the joint histogram of two label images or from a
-sparse pixel-incidence product of two mask lists: the cost grows with the number of pixels and of
-overlapping pairs, never with ``n_true × n_pred`` full-image comparisons.
+as foreground). IoUs are computed sparsely, from the joint histogram of two label images: the cost
+grows with the number of pixels and of overlapping pairs, never with ``n_true × n_pred`` full-image
+comparisons.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +77,8 @@ def iou_dice(inter: int, pred: int, true: int) -> tuple[float, float]:
 class SparseIoU:
     """IoUs of two instance sets in triplet form: one entry per (true, predicted) pair sharing pixels.
 
-    ``true_ids``/``pred_ids`` name the instances (label values for label images, positions in the
-    input list for mask lists); ``rows``/``cols`` index into them. ``inter`` and ``union`` are exact
-    pixel counts (int64), so threshold tests need no floating point.
+    ``true_ids``/``pred_ids`` name the instances (label values); ``rows``/``cols`` index into them.
+    ``inter`` and ``union`` are exact pixel counts (int64), so threshold tests need no floating point.
     """
 
     true_ids: np.ndarray
@@ -94,10 +92,6 @@ class SparseIoU:
     def ious(self) -> np.ndarray:
         """IoU of each stored pair (float64)."""
         return self.inter / self.union
-
-    def to_sparse(self) -> sp.csr_array:
-        """The ``(n_true, n_pred)`` IoU matrix as a SciPy sparse array (absent pairs have IoU 0)."""
-        return sp.csr_array((self.ious, (self.rows, self.cols)), shape=(len(self.true_ids), len(self.pred_ids)))
 
 
 def _check_label_image(labels: np.ndarray, name: str) -> np.ndarray:
@@ -159,59 +153,6 @@ def _from_intersections(
     return SparseIoU(true_ids, pred_ids, rows, cols, inter, union)
 
 
-def _incidence(
-    masks: Sequence[np.ndarray] | np.ndarray, shape: tuple[int, ...] | None, name: str
-) -> tuple[np.ndarray, sp.csr_array, np.ndarray, tuple[int, ...] | None]:
-    """Pixel incidence of a mask list: ``(ids of non-empty masks, (n, H*W) CSR 0/1 matrix, areas, shape)``.
-
-    ``shape`` is the expected mask shape (None: taken from the first mask); the one found is returned.
-    """
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
-    ids: list[int] = []
-    if isinstance(masks, np.ndarray):
-        if masks.ndim != 3:
-            raise DataError(
-                f"{name} masks must be an (N, H, W) array or a sequence of (H, W) masks, got shape {masks.shape}"
-            )
-        if shape is not None and masks.shape[1:] != tuple(shape):
-            raise DataError(f"{name} masks have shape {masks.shape[1:]}, expected {tuple(shape)}")
-        shape = masks.shape[1:]
-    for i, mask in enumerate(masks):
-        mask = np.asarray(mask)
-        if mask.ndim != 2 or (shape is not None and mask.shape != tuple(shape)):
-            raise DataError(f"{name} mask {i} has shape {mask.shape}, expected a 2-D mask of shape {shape}")
-        shape = mask.shape
-        pixels = np.flatnonzero(mask)
-        if pixels.size:  # an empty mask is no instance
-            rows.append(np.full(pixels.size, len(ids), dtype=np.int64))
-            cols.append(pixels)
-            ids.append(i)
-    n_pixels = int(np.prod(shape)) if shape is not None else 0
-    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    matrix = sp.csr_array((np.ones(r.size, dtype=np.int64), (r, c)), shape=(len(ids), n_pixels))
-    areas = np.diff(matrix.indptr).astype(np.int64)
-    return np.asarray(ids, dtype=np.int64), matrix, areas, shape
-
-
-def mask_iou_matrix(
-    true_masks: Sequence[np.ndarray] | np.ndarray, pred_masks: Sequence[np.ndarray] | np.ndarray
-) -> SparseIoU:
-    """Sparse IoU of two lists of possibly overlapping masks (sequences of H×W or (N, H, W) arrays).
-
-    Each list becomes a sparse instance × pixel incidence matrix; their product holds the
-    intersection of every pair that shares a pixel. Empty masks are no instances and are dropped;
-    the ids of the result are positions in the input lists.
-    """
-    true_ids, true_m, true_area, shape = _incidence(true_masks, None, "true")
-    pred_ids, pred_m, pred_area, pred_shape = _incidence(pred_masks, shape, "predicted")
-    if shape is None and pred_shape is not None:  # the true list was empty: size it like the predictions
-        true_m = sp.csr_array((0, pred_m.shape[1]), dtype=np.int64)
-    joint = sp.coo_array(true_m @ pred_m.T)  # canonical CSR product: one entry per overlapping pair
-    return _from_intersections(true_ids, pred_ids, joint, true_area, pred_area)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Competition metric
 
@@ -267,13 +208,6 @@ def image_score(true_labels: np.ndarray, pred_labels: np.ndarray) -> ImageScore:
     return score_ious(iou_matrix(true_labels, pred_labels))
 
 
-def image_score_masks(
-    true_masks: Sequence[np.ndarray] | np.ndarray, pred_masks: Sequence[np.ndarray] | np.ndarray
-) -> ImageScore:
-    """Competition score for lists of possibly overlapping masks (see :func:`score_ious` for matching)."""
-    return score_ious(mask_iou_matrix(true_masks, pred_masks))
-
-
 class CompetitionScore:
     """Accumulates image scores into the data set's competition score, overall and per group."""
 
@@ -284,13 +218,9 @@ class CompetitionScore:
     def add(self, true_labels: np.ndarray, pred_labels: np.ndarray, group: str | None = None) -> ImageScore:
         """Score one pair of label images, record it under ``group`` (e.g. the cell type) and return it."""
         score = image_score(true_labels, pred_labels)
-        self.add_score(score, group)
-        return score
-
-    def add_score(self, score: ImageScore, group: str | None = None) -> None:
-        """Record an already computed image score (e.g. from :func:`image_score_masks`)."""
         self._per_image.append(score.scores_per_threshold)
         self._groups.append(group)
+        return score
 
     def _rows(self, group: str | None) -> np.ndarray:
         rows = [s for s, g in zip(self._per_image, self._groups) if group is None or g == group]
@@ -313,14 +243,6 @@ class CompetitionScore:
             out[f"score/{group}"] = float(rows.mean())
             out[f"n_images/{group}"] = float(len(rows))
         return out
-
-
-def dataset_score(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Competition score of a data set: the mean image score over ``(true, predicted)`` label images."""
-    acc = CompetitionScore()
-    for true_labels, pred_labels in pairs:
-        acc.add(true_labels, pred_labels)
-    return acc.result()["score"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ later from images held in memory (:class:`cellseg.data.PatchDataset`).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,7 +36,6 @@ def sample_patches(
     ``jitter < 1`` the centre pixel always stays inside the window. Background windows (``label`` 0) lie at
     uniformly random positions in uniformly chosen images. Deterministic per ``seed``.
     """
-    _check_params(size, jitter, per_cell, background_fraction)
     frame = _image_frame(images, image_ids)
     too_small = frame[(frame["width"] < size) | (frame["height"] < size)]
     if len(too_small):
@@ -50,25 +48,6 @@ def sample_patches(
     cells = _cell_windows(instances, frame, size, jitter, per_cell, rng)
     background = _background_windows(frame, size, round(background_fraction * len(cells)), rng)
     return pd.concat([cells, background], ignore_index=True)
-
-
-def _check_params(size: int, jitter: float, per_cell: int, background_fraction: float) -> None:
-    if not _is_int(size) or size < 32 or size % 32:
-        raise ParamsError(f"patches.size: expected an integer >= 32 divisible by 32, got {size!r}")
-    if not _is_real(jitter) or not 0 <= jitter <= 1:
-        raise ParamsError(f"patches.jitter: expected a number in [0, 1], got {jitter!r}")
-    if not _is_int(per_cell) or per_cell < 1:
-        raise ParamsError(f"patches.per_cell: expected an integer >= 1, got {per_cell!r}")
-    if not _is_real(background_fraction) or not background_fraction >= 0 or not np.isfinite(background_fraction):
-        raise ParamsError(f"patches.background_fraction: expected a finite number >= 0, got {background_fraction!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _image_frame(images: pd.DataFrame, image_ids: Sequence[str]) -> pd.DataFrame:

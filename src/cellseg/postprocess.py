@@ -11,35 +11,25 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
-from cellseg.errors import ParamsError
+from cellseg.instances import MAX_LABEL
+
 
 INTERIOR, BOUNDARY = 1, 2  # U-Net classes: 0 background, 1 cell interior, 2 cell boundary
-MAX_LABEL = np.iinfo(np.uint16).max
 
 
 def watershed_instances(
-    probs: np.ndarray,
-    *,
-    cell_type: str | None = None,
-    min_size: int | dict[str, int] = 20,
-    marker_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    min_distance: int = 0,
+    probs: np.ndarray, *, marker_threshold: float, mask_threshold: float, min_size: int
 ) -> np.ndarray:
     """Instances from (3, H, W) background/interior/boundary probabilities by marker-controlled watershed.
 
-    Markers: connected components of ``interior > marker_threshold``; ``min_distance > 0`` keeps only their
-    pixels more than ``min_distance`` px inside (cutting interior bridges between touching cells; a marker
-    that erosion would erase is kept whole). Off by default: on ideal synthetic probabilities erosion by
-    2-3 px splits elongated shsy5y and lobed astro cells. The markers flood ``1 - interior`` within
-    ``interior + boundary > mask_threshold``; instances smaller than the cell type's ``min_size`` (an int,
-    or a dict by cell type with an optional ``"default"``) are dropped.
+    Markers: connected components of ``interior > marker_threshold``; they flood ``1 - interior`` within
+    ``interior + boundary > mask_threshold``; instances smaller than ``min_size`` pixels are dropped.
     """
     interior = probs[INTERIOR]
-    markers = _markers(interior > marker_threshold, min_distance)
+    markers, _ = ndi.label(interior > marker_threshold)
     foreground = interior + probs[BOUNDARY] > mask_threshold
     labels = watershed(1.0 - interior, markers, mask=foreground)
-    return _drop_small(labels, _min_size_for(min_size, cell_type))
+    return _drop_small(labels, min_size)
 
 
 def remove_overlaps(
@@ -79,25 +69,6 @@ def remove_overlaps(
     lut = np.zeros(len(masks) + 1, dtype=np.uint16)  # lut[i + 1]: the label of mask i (0 = dropped)
     lut[kept + 1] = np.arange(1, len(kept) + 1)
     return lut[owner + 1], kept
-
-
-def _markers(core: np.ndarray, min_distance: int) -> np.ndarray:
-    """Labelled markers: the core's components eroded by ``min_distance`` px, kept whole if erased."""
-    components, _ = ndi.label(core)
-    inner = ndi.distance_transform_edt(core) > min_distance
-    survives = np.bincount(components[inner], minlength=components.max() + 1) > 0
-    markers, _ = ndi.label(inner | (core & ~survives[components]))
-    return markers
-
-
-def _min_size_for(min_size: int | dict[str, int], cell_type: str | None) -> int:
-    """The minimum instance size for a cell type: the dict's entry, else its ``"default"``."""
-    if isinstance(min_size, int):
-        return min_size
-    for key in (cell_type, "default"):
-        if key in min_size:
-            return min_size[key]
-    raise ParamsError(f"unet.min_size: no entry for cell type {cell_type!r} and no 'default' in {min_size}")
 
 
 def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:

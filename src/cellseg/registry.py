@@ -1,7 +1,7 @@
 """The models cellseg trains, one entry each: all that inference, evaluation and the report know of a model.
 
 A model is added with one module under ``cellseg/models/``, one entry in :data:`MODELS`, its params section
-(:mod:`cellseg.config`) and its training stage; nothing else branches on model names. (A module of its own,
+and post-processing section (:mod:`cellseg.config`) and its training stage; nothing else branches on model names. (A module of its own,
 not ``cellseg/models/__init__.py``: importing a model module runs its package first, which would import every
 model module in turn.)
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from cellseg.config import MaskRCNNParams, UNetParams
+from cellseg.config import MaskRCNNParams, MaskRCNNPostprocess, UNetParams, UNetPostprocess
 from cellseg.instances import Predictor
 from cellseg.models import maskrcnn, unet
 
@@ -26,22 +26,22 @@ class ModelEntry:
 
     name: str  # as checkpoints, metrics and params sections name it
     display: str  # as the report names it
-    params: type[BaseModel]  # its params section, stored in its checkpoints
-    postprocess: tuple[str, ...]  # the params inference may change without retraining (thresholds)
+    params: type[BaseModel]  # its params section (``<name>``), stored in its checkpoints
+    postprocess: type[BaseModel]  # its post-processing params (``postprocess.<name>``), also stored
     architecture: Callable[[Any], torch.nn.Module]  # the untrained model its params describe (no download)
-    predictor: Callable[[torch.nn.Module, Any, torch.device], Predictor]  # trained model → whole-image inference
+    # (trained model, params, post-processing params, device) → whole-image inference
+    predictor: Callable[[torch.nn.Module, Any, Any, torch.device], Predictor]
 
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in (
         ModelEntry(
-            "unet", "U-Net (EfficientNet-B0)", UNetParams, ("marker_threshold", "mask_threshold", "min_size"),
-            unet.architecture, unet.UNetPredictor,
+            "unet", "U-Net (EfficientNet-B0)", UNetParams, UNetPostprocess, unet.architecture, unet.UNetPredictor,
         ),
         ModelEntry(
-            "maskrcnn", "Mask R-CNN (R50-FPN v2)", MaskRCNNParams, ("mask_threshold", "score_threshold", "min_size"),
-            maskrcnn.architecture, maskrcnn.MaskRCNNPredictor,
+            "maskrcnn", "Mask R-CNN (R50-FPN v2)", MaskRCNNParams, MaskRCNNPostprocess, maskrcnn.architecture,
+            maskrcnn.MaskRCNNPredictor,
         ),
     )
 }

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from cellseg.errors import ParamsError, ResourceError
+from cellseg.errors import ParamsError, ResourceError, cut
 
 if TYPE_CHECKING:
     import torch
@@ -401,8 +401,7 @@ def open_tracker(
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment, _artifacts(experiment))
     except Exception as e:  # backends raise MlflowException, OSError, SQLAlchemy errors...
-        detail = (str(e).strip().splitlines() or [""])[0]
-        detail = detail if len(detail) <= 200 else f"{detail[:199]}…"  # MLflow's texts run to a page
+        detail = cut((str(e).strip().splitlines() or [""])[0], 200)  # MLflow's texts run to a page
         raise ResourceError(
             f"MLflow tracking store {resolved} cannot be opened ({type(e).__name__}: {detail}); "
             "fix it or set tracking.enabled: false / MLFLOW_TRACKING_URI"

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +33,7 @@ from cellseg.devices import free_memory, pick_device
 from cellseg.errors import DataError, ParamsError, TrainingError
 from cellseg.io import atomic_path, write_json
 from cellseg.plots import training_curves
-from cellseg.tracking import DatasetInput, Tracker
+from cellseg.tracking import DatasetInput, Tracker, run_record, training_tracker
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Task(Protocol):
     name: str  # model name, stored in checkpoints
     monitor: str  # validation metric that selects best.pt (higher is better)
     train_bytes_per_pixel: float  # memory a training step takes per input pixel, at least (measured on the CPU)
+    collate: Callable | None  # the DataLoader's collate_fn of training batches (None: torch's default) ...
+    val_collate: Callable | None  # ... and of validation batches (one image each)
 
     def train_step(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         """Losses of one batch: ``"loss"`` (to minimise) plus any detached per-batch statistics.
@@ -155,29 +158,54 @@ def check_memory(task: Task, train_set: Dataset, batch_size: int, device: torch.
         )
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """Where one training's records go, and what they hold besides the weights."""
+
+    model_dir: Path  # last.pt, best.pt
+    metrics_dir: Path  # epochs.csv, curves.png, train.json
+    tracker: Tracker  # open; under torchrun, other ranks get a do-nothing one (open_tracker gives them that)
+    stored: Mapping[str, Any]  # what every checkpoint holds besides the weights: the model's params sections
+    params: Mapping[str, Any] = field(default_factory=dict)  # the MLflow run's params, tags and data sets
+    tags: Mapping[str, str | None] = field(default_factory=dict)
+    inputs: Sequence[DatasetInput] = ()
+
+
+def training_run(
+    raw: Mapping[str, Any], data: Any, tracking: Any, model: str, inputs: Sequence[tuple[str | Path, str]],
+    model_dir: Path, metrics_dir: Path, stored: Mapping[str, Any],
+) -> TrainingRun:
+    """The :class:`TrainingRun` of a training stage: its tracker (params ``tracking``), the data sets ``inputs``
+    (``(path, context)``; ``data`` the params section of their source) and every param of ``raw`` recorded."""
+    tracker, datasets = training_tracker(tracking, data, model, inputs)
+    record = run_record(raw, model=model, inputs=datasets)
+    return TrainingRun(model_dir, metrics_dir, tracker, stored, record["run_params"], record["run_tags"], datasets)
+
+
+@dataclass
+class TrainingState:
+    """What a training carries from epoch to epoch; ``last.pt`` saves it whole."""
+
+    model: nn.Module  # validated and saved
+    trained: nn.Module  # the same weights as trained: wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float = -math.inf
+    epoch: int = 0  # epochs done
+    run_id: str | None = None
+
+
 def fit(
-    model: nn.Module,
-    task: Task,
-    train_set: Dataset,
-    val_set: Dataset,
-    config: TrainParams,
-    out_dir: Path,
-    metrics_file: Path,
-    tracker: Tracker,
-    *,
-    model_params: Mapping[str, Any] | None = None,
-    run_params: Mapping[str, Any] | None = None,
-    run_tags: Mapping[str, str | None] | None = None,
-    run_inputs: Sequence[DatasetInput] = (),
-    collate_fn: Callable | None = None,
-    val_collate_fn: Callable | None = None,
-    val_batch_size: int = 1,
+    model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset, config: TrainParams, run: TrainingRun
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``config.epochs`` epochs; return the per-epoch history.
 
-    ``out_dir`` receives ``last.pt`` and ``best.pt``; ``metrics_file`` the per-epoch CSV; ``tracker`` (an
-    open :class:`~cellseg.tracking.Tracker`) a run with ``run_params``, ``run_tags``, ``run_inputs`` (the data
-    sets) and every epoch's metrics. With ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
+    ``run.model_dir`` receives ``last.pt`` and ``best.pt``, ``run.metrics_dir`` the per-epoch ``epochs.csv``,
+    ``run.tracker`` a run with the params, tags and data sets of ``run`` and every epoch's metrics. With
+    ``config.resume`` and a ``last.pt`` present, training continues from it (model, optimizer, scheduler,
     scaler, epoch, history, RNG, MLflow run). A ``train_set`` with a ``set_epoch(seed)`` method (an
     :class:`~cellseg.data.AugmentedDataset`) is reseeded before each epoch, so that its augmentations too are
     the same whether resumed or not.
@@ -186,123 +214,132 @@ def fit(
     ``config.batch_size`` samples per step (the global batch is ``batch_size`` × the number of processes), in
     DistributedDataParallel: gradients are averaged over the processes, so that their weights stay equal. The
     epoch's training statistics are over all processes; rank 0 alone validates, writes the checkpoints and the
-    CSV, and logs (other ranks should get a do-nothing tracker, as :func:`~cellseg.tracking.open_tracker`
-    gives them); every rank returns rank 0's history. On resume every rank loads ``last.pt``.
+    CSV, and logs; every rank returns rank 0's history. On resume every rank loads ``last.pt``.
     """
-    main = distributed.is_main()
     # Alike on every rank: their random streams stay alike, so that rank 0's saved RNG state resumes them all.
     seed_everything(config.seed)
     with distributed.session(pick_device(config.device)) as device:
         check_memory(task, train_set, config.batch_size, device)
-        cuda = device.type == "cuda"
-        model.to(device)
-        if config.channels_last:
-            model.to(memory_format=torch.channels_last)
-        loader = _train_loader(train_set, config, collate_fn, cuda)
-        val_loader = DataLoader(
-            val_set, batch_size=val_batch_size, shuffle=False, num_workers=config.workers, collate_fn=val_collate_fn,
-            pin_memory=cuda, persistent_workers=config.workers > 0,
-        )
-        steps_per_epoch = len(loader)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
-        )
-        amp = mixed_precision(device, config.amp)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda)
-        history: list[dict[str, float]] = []
-        best = -math.inf
-        start_epoch = 0
-        run_id = None
-        last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-        if config.resume and last_path.is_file():
-            history, best, start_epoch, run_id = _resume(last_path, task.name, model, optimizer, scheduler, scaler)
-            if main:
-                log.info("resuming %s from %s after epoch %d of %d", task.name, last_path, start_epoch, config.epochs)
-        elif config.resume and main:
-            log.info("resume requested but %s does not exist: starting from scratch", last_path)
-        # `trained` trains; `model` (the same weights) validates and is saved.
-        trained = distributed.wrap(model, device, getattr(task, "find_unused_parameters", False))
-        tracker.start(params=dict(run_params or {}), tags=dict(run_tags or {}), run_id=run_id, inputs=run_inputs)
-        epoch_log = EpochLog(metrics_file)
-        for epoch in range(start_epoch, config.epochs):
+        loader, val_loader = _loaders(task, train_set, val_set, config, device)
+        state = _start(model, task, config, device, len(loader))
+        if config.resume:
+            _resume(state, run.model_dir / "last.pt", task.name, config.epochs)
+        run.tracker.start(params=dict(run.params), tags=dict(run.tags), run_id=state.run_id, inputs=run.inputs)
+        epoch_log = EpochLog(run.metrics_dir / "epochs.csv")
+        for epoch in range(state.epoch, config.epochs):
             loader.generator.manual_seed(config.seed * 1000 + epoch)  # same order resumed or not, on every rank
             if hasattr(train_set, "set_epoch"):  # and the same augmentations (workers: 0)
                 train_set.set_epoch(config.seed * 1000 + epoch)
-            began = time.perf_counter()
-            train_stats, seen = _train_epoch(trained, task, loader, optimizer, scheduler, scaler, config, device, epoch, amp)
-            train_time = time.perf_counter() - began
-            val_stats = task.validate(model, val_loader, device) if main else {}
-            row = distributed.broadcast({  # rank 0's: the others did not validate
-                "epoch": epoch + 1,
-                **{f"train/{k}": v for k, v in train_stats.items()},
-                **{f"val/{k}": v for k, v in val_stats.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "train/samples_per_s": seen / train_time,
-                "train_time_s": train_time,
-                "epoch_time_s": time.perf_counter() - began,
-                **({"gpu_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}),
-            })
-            history.append(row)
-            monitored = row[f"val/{task.monitor}"]
-            improved = monitored > best
-            best = max(best, monitored)
-            if not main:  # rank 0 alone writes and logs
-                continue
-            checkpoint = {
-                "model_params": dict(model_params or {}),
-                "model_state": model.state_dict(),
-                "epoch": epoch + 1,
-                "best": best,
-                "history": history,
-                "monitor": task.monitor,
-                "run_id": tracker.run_id,
-            }
-            if improved:
-                save_checkpoint(best_path, task.name, checkpoint)
-            save_checkpoint(
-                last_path,
-                task.name,
-                {
-                    **checkpoint,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                },
-            )
-            epoch_log.write(history)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            log.info(
-                "epoch %d/%d: %s", epoch + 1, config.epochs,
-                ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
-            )
-    return history
+            row = _epoch(state, task, loader, val_loader, config, device, epoch)
+            improved = _record(state, row, task.monitor)
+            if distributed.is_main():  # rank 0 alone writes and logs
+                _save(state, task, run, improved)
+                epoch_log.write(state.history)
+                run.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+                         ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+    return state.history
 
 
-def _resume(
-    last_path: Path,
-    model_name: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-) -> tuple[list[dict[str, float]], float, int, str | None]:
-    """Restore the training state of ``last_path`` (on every rank alike); return its history, best, epoch and run id."""
-    state = load_checkpoint(last_path, model_name)
-    missing = [key for key in RESUME_ENTRIES if key not in state]
+def _loaders(
+    task: Task, train_set: Dataset, val_set: Dataset, config: TrainParams, device: torch.device
+) -> tuple[DataLoader, DataLoader]:
+    """This rank's training loader (:func:`_train_loader`) and the validation loader (one image per batch)."""
+    cuda = device.type == "cuda"
+    val_loader = DataLoader(
+        val_set, batch_size=1, shuffle=False, num_workers=config.workers, collate_fn=task.val_collate,
+        pin_memory=cuda, persistent_workers=config.workers > 0,
+    )
+    return _train_loader(train_set, config, task.collate, cuda), val_loader
+
+
+def _start(model: nn.Module, task: Task, config: TrainParams, device: torch.device, steps_per_epoch: int) -> TrainingState:
+    """The model on ``device`` (channels_last if asked), wrapped for DDP, with a new optimizer, schedule and scaler."""
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
+    )
+    amp = mixed_precision(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    trained = distributed.wrap(model, device, getattr(task, "find_unused_parameters", False))
+    return TrainingState(model, trained, optimizer, scheduler, scaler, amp)
+
+
+def _resume(state: TrainingState, last_path: Path, model_name: str, epochs: int) -> None:
+    """Restore the training state of ``last_path`` into ``state`` (on every rank alike), if the file is there."""
+    main = distributed.is_main()
+    if not last_path.is_file():
+        if main:
+            log.info("resume requested but %s does not exist: starting from scratch", last_path)
+        return
+    saved = load_checkpoint(last_path, model_name)
+    missing = [key for key in RESUME_ENTRIES if key not in saved]
     if missing:
         raise DataError(f"{last_path}: cannot resume from it: no {', '.join(missing)} (a best.pt, not a last.pt?)")
     try:
-        model.load_state_dict(state["model_state"])
+        state.model.load_state_dict(saved["model_state"])
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:200]
         raise DataError(f"{last_path}: cannot resume from it: its weights do not fit this model ({reason})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return state["history"], state["best"], state["epoch"], state["run_id"]
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    _set_rng_state(saved["rng"])
+    state.history, state.best, state.epoch, state.run_id = saved["history"], saved["best"], saved["epoch"], saved["run_id"]
+    if main:
+        log.info("resuming %s from %s after epoch %d of %d", model_name, last_path, state.epoch, epochs)
+
+
+def _epoch(
+    state: TrainingState, task: Task, loader: DataLoader, val_loader: DataLoader, config: TrainParams,
+    device: torch.device, epoch: int,
+) -> dict[str, float]:
+    """Train one epoch, validate (rank 0), and return the epoch's row of metrics (rank 0's, on every rank)."""
+    began = time.perf_counter()
+    train_stats, seen = _train_epoch(state, task, loader, config, device, epoch)
+    train_time = time.perf_counter() - began
+    val_stats = task.validate(state.model, val_loader, device) if distributed.is_main() else {}
+    cuda = device.type == "cuda"
+    return distributed.broadcast({  # rank 0's: the others did not validate
+        "epoch": epoch + 1,
+        **{f"train/{k}": v for k, v in train_stats.items()},
+        **{f"val/{k}": v for k, v in val_stats.items()},
+        "lr": state.scheduler.get_last_lr()[0],
+        "train/samples_per_s": seen / train_time,
+        "train_time_s": train_time,
+        "epoch_time_s": time.perf_counter() - began,
+        **({"gpu_peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {}),
+    })
+
+
+def _record(state: TrainingState, row: dict[str, float], monitor: str) -> bool:
+    """Append the epoch's ``row`` to the history; whether its ``val/<monitor>`` is the best so far."""
+    state.history.append(row)
+    state.epoch = int(row["epoch"])
+    improved = row[f"val/{monitor}"] > state.best
+    state.best = max(state.best, row[f"val/{monitor}"])
+    return improved
+
+
+def _save(state: TrainingState, task: Task, run: TrainingRun, improved: bool) -> None:
+    """Write ``last.pt`` (all of ``state``) and, when the epoch ``improved``, ``best.pt`` (the weights and records)."""
+    checkpoint = {
+        **run.stored,
+        "model_state": state.model.state_dict(),
+        "epoch": state.epoch,
+        "best": state.best,
+        "history": state.history,
+        "monitor": task.monitor,
+        "run_id": run.tracker.run_id,
+    }
+    if improved:
+        save_checkpoint(run.model_dir / "best.pt", task.name, checkpoint)
+    resume = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+              "scaler": state.scaler.state_dict(), "rng": _rng_state()}
+    save_checkpoint(run.model_dir / "last.pt", task.name, {**checkpoint, **resume})
 
 
 def _train_loader(train_set: Dataset, config: TrainParams, collate_fn: Callable | None, cuda: bool) -> DataLoader:
@@ -322,19 +359,11 @@ def _train_loader(train_set: Dataset, config: TrainParams, collate_fn: Callable 
 
 
 def _train_epoch(
-    model: nn.Module,
-    task: Task,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    config: TrainParams,
-    device: torch.device,
-    epoch: int,
-    amp: bool,
+    state: TrainingState, task: Task, loader: DataLoader, config: TrainParams, device: torch.device, epoch: int
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns the sample-weighted mean of each statistic and the samples seen, over
     all ranks."""
+    model, optimizer, scaler = state.trained, state.optimizer, state.scaler
     model.train()
     sums: dict[str, float] = {}
     seen = 0
@@ -343,7 +372,7 @@ def _train_epoch(
         disable=not distributed.is_main(),
     )
     for batch in progress:
-        with autocast(device, amp):
+        with autocast(device, state.amp):
             stats = task.train_step(model, batch, device)
         loss = stats["loss"]
         if not torch.isfinite(loss):
@@ -355,7 +384,7 @@ def _train_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        state.scheduler.step()
         n = _batch_size(batch)
         seen += n
         for key, value in stats.items():
@@ -372,37 +401,20 @@ def _batch_size(batch: Batch) -> int:
 
 
 def train_tracked(
-    model: nn.Module,
-    task: Task,
-    train_set: Dataset,
-    val_set: Dataset,
-    config: TrainParams,
-    *,
-    model_dir: Path,
-    metrics_dir: Path,
-    tracker: Tracker,
-    model_params: Mapping[str, Any],
-    run_params: Mapping[str, Any],
-    run_tags: Mapping[str, str | None],
-    run_inputs: Sequence[DatasetInput] = (),
-    **loader_options: Any,
+    model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset, config: TrainParams, run: TrainingRun
 ) -> dict[str, Any]:
     """:func:`fit`, then the run's records: curves PNG, ``train.json`` summary, MLflow artifacts and best model.
 
-    Writes ``model_dir/{last,best}.pt`` and ``metrics_dir/{epochs.csv,curves.png,train.json}``; returns the summary.
-    Under ``torchrun`` only rank 0 writes and logs them; the other ranks return an empty summary.
+    Writes ``run.model_dir/{last,best}.pt`` and ``run.metrics_dir/{epochs.csv,curves.png,train.json}``; returns
+    the summary. Under ``torchrun`` only rank 0 writes and logs them; the other ranks return an empty summary.
     """
-    with tracker:
-        history = fit(
-            model, task, train_set, val_set, config, model_dir, metrics_dir / "epochs.csv", tracker,
-            model_params=model_params, run_params=run_params, run_tags=run_tags, run_inputs=run_inputs,
-            **loader_options,
-        )
+    with run.tracker as tracker:
+        history = fit(model, task, train_set, val_set, config, run)
         if not distributed.is_main():
             return {}
-        curves = metrics_dir / "curves.png"
+        curves = run.metrics_dir / "curves.png"
         training_curves(history, curves, f"{task.name}: training curves")
-        best = load_checkpoint(model_dir / "best.pt", task.name)
+        best = load_checkpoint(run.model_dir / "best.pt", task.name)
         summary = {
             "epochs": len(history),
             "best_epoch": int(best["epoch"]),
@@ -410,8 +422,10 @@ def train_tracked(
             "final": {k: v for k, v in history[-1].items() if k != "epoch"},
             "mlflow_run_id": tracker.run_id,
         }
-        write_json(metrics_dir / "train.json", summary)
-        for path, folder in ((curves, "plots"), (metrics_dir / "epochs.csv", "metrics"), (model_dir / "best.pt", "checkpoints")):
+        write_json(run.metrics_dir / "train.json", summary)
+        for path, folder in (
+            (curves, "plots"), (run.metrics_dir / "epochs.csv", "metrics"), (run.model_dir / "best.pt", "checkpoints")
+        ):
             tracker.log_artifact(path, artifact_path=folder)
         model.load_state_dict(best["model_state"])
         tracker.log_model(model.cpu(), name="model")

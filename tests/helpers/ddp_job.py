@@ -28,13 +28,12 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `helpers` importable
 
-from cellseg.config import UNetParams
-from cellseg.data import PatchDataset, WholeImageDataset
+from cellseg.data import PatchDataset
 from cellseg.models.unet import UNetTask
 from cellseg.celltypes import CELL_TYPES
 from cellseg.tracking import open_tracker
-from cellseg.train import train_tracked
-from helpers.fit_job import config, datasets
+from cellseg.train import TrainingRun, train_tracked
+from helpers.fit_job import config, datasets, unet_task_args
 
 BATCH_SIZE = 2  # per process
 SAMPLES_PER_EPOCH = 8  # over all processes
@@ -82,7 +81,7 @@ class RecordingTask(UNetTask):
     find_unused_parameters = False  # PlainNet uses all its parameters: DDP's default, as for Mask R-CNN
 
     def __init__(self, crash_at: int | None = None) -> None:
-        super().__init__(UNetParams(loss="ce"))
+        super().__init__(*unet_task_args(loss="ce"))
         self.crash_at, self.validations = crash_at, 0
         self.batches: list[list[int]] = []
         self.trained: set[str] = set()
@@ -134,12 +133,9 @@ def main() -> None:
     train_set, val_set = datasets(args.data)
     model, task = PlainNet(seed=rank), RecordingTask(args.crash_at)
     cfg = config(epochs=args.epochs, batch_size=BATCH_SIZE, samples_per_epoch=SAMPLES_PER_EPOCH, resume=args.resume)
-    summary = train_tracked(
-        model, task, Indexed(train_set), val_set, cfg, model_dir=out / "models", metrics_dir=out / "metrics",
-        tracker=open_tracker(args.tracking_uri is not None, args.tracking_uri, "ddp-test", run_name="unet"),
-        model_params={}, run_params={"train.unet.epochs": args.epochs}, run_tags={},
-        val_collate_fn=WholeImageDataset.collate,
-    )
+    tracker = open_tracker(args.tracking_uri is not None, args.tracking_uri, "ddp-test", run_name="unet")
+    run = TrainingRun(out / "models", out / "metrics", tracker, {"model_params": {}}, {"train.unet.epochs": args.epochs})
+    summary = train_tracked(model, task, Indexed(train_set), val_set, cfg, run)
     results = {"state": model.state_dict(), "summary": summary, "writes": list(writes), **task.records()}
     torch.save(results, out / f"rank{rank}.pt")
 

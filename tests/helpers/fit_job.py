@@ -11,6 +11,7 @@ which trains into ``OUT_DIR/models/{last,best}.pt`` and ``OUT_DIR/metrics/epochs
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +20,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cellseg.config import TrainParams, UNetParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `helpers` importable
+
+from cellseg.config import TrainParams, UNetParams, UNetPostprocess
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
 from cellseg.models.unet import UNetTask
@@ -27,8 +30,9 @@ from cellseg.patches import sample_patches
 from cellseg.celltypes import CELL_TYPES
 from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
-from cellseg.train import fit
-from cellseg.tracking import open_tracker
+from cellseg.train import TrainingRun, fit
+from cellseg.tracking import Tracker, open_tracker
+from helpers.project import project_params
 
 PATCH = 64
 MEAN, STD = 0.5, 0.25
@@ -56,11 +60,21 @@ class TinyNet(nn.Module):
         return self.head(features), self.type_head(features.mean(dim=(2, 3)))
 
 
+def unet_task_args(**changes: object) -> tuple[UNetParams, UNetPostprocess, bool]:
+    """:class:`UNetTask`'s arguments: params.yaml's ``unet`` (with ``changes``) and ``postprocess.unet``, no channels_last."""
+    return project_params("unet", **changes), project_params("postprocess.unet"), False
+
+
+def run_in(out: Path, tracker: Tracker | None = None, **records: object) -> TrainingRun:
+    """A :class:`TrainingRun` writing checkpoints to ``out/models`` and ``out/epochs.csv`` (no tracking by default)."""
+    return TrainingRun(out / "models", out, tracker or Tracker(), {"model_params": {}}, **records)
+
+
 class SlowTask(UNetTask):
     """:class:`UNetTask` whose validation sleeps ``delay`` seconds, so that a run can be killed mid-way."""
 
     def __init__(self, delay: float) -> None:
-        super().__init__(UNetParams(loss="ce_dice"))
+        super().__init__(*unet_task_args(loss="ce_dice"))
         self.delay = delay
 
     def validate(self, model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
@@ -92,7 +106,7 @@ def stable(rows: Iterable[dict[str, float]]) -> list[dict[str, float]]:
 def datasets(root: Path) -> tuple[PatchDataset, WholeImageDataset]:
     """Training patches of images 1–2 (no augmentation) and whole-image validation on image 3."""
     ids = list(pd.read_parquet(root / "decoded" / IMAGES_TABLE)["image_id"])
-    store = ImageStore(root / "raw", root / "decoded", ids)
+    store = ImageStore(root / "raw", root / "decoded", ids, boundary_width=1)
     train_set = PatchDataset(pd.read_parquet(root / "patches.parquet"), store, None, MEAN, STD, 3)
     return train_set, WholeImageDataset(ids[2:], store, MEAN, STD, 3)
 
@@ -103,7 +117,7 @@ def config(**overrides: object) -> TrainParams:
         "epochs": 2, "batch_size": 4, "lr": 1e-2, "warmup_epochs": 0.5, "workers": 0, "amp": False,
         "channels_last": False, "device": "cpu", "samples_per_epoch": 8, "seed": 0,
     }
-    return TrainParams(**{**settings, **overrides})
+    return project_params("train.unet", **{**settings, **overrides})
 
 
 def new_model(seed: int = 0) -> TinyNet:
@@ -122,11 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the tests do: fast and reproducible on a shared 2-core machine
     train_set, val_set = datasets(args.data)
-    fit(
-        new_model(), SlowTask(args.delay), train_set, val_set, config(epochs=args.epochs, resume=args.resume),
-        args.out / "models", args.out / "metrics" / "epochs.csv", open_tracker(enabled=False),
-        val_collate_fn=WholeImageDataset.collate,
-    )
+    cfg = config(epochs=args.epochs, resume=args.resume)
+    run = TrainingRun(args.out / "models", args.out / "metrics", open_tracker(enabled=False), {"model_params": {}})
+    fit(new_model(), SlowTask(args.delay), train_set, val_set, cfg, run)
 
 
 if __name__ == "__main__":

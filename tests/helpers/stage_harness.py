@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cellseg.coco import to_coco, write_coco
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
 from cellseg.io import write_json, write_parquet
 from cellseg.patches import sample_patches
@@ -33,8 +32,7 @@ STAGE_ARGS: dict[str, list[str]] = {
         "--models", "models/unet", "--metrics", "metrics/unet",
     ],
     "train_maskrcnn": [
-        "--coco_train", "coco/coco_train.json", "--coco_val", "coco/coco_val.json",
-        "--models", "models/maskrcnn", "--metrics", "metrics/maskrcnn",
+        "--decoded", "decoded", "--split", "split.json", "--models", "models/maskrcnn", "--metrics", "metrics/maskrcnn",
     ],
     "synthesize": ["--out", "synth"],
     "evaluate": [
@@ -61,7 +59,7 @@ NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the 
     "split": ("decoded",),
     "patches": ("decoded", "split"),
     "train_unet": ("decoded", "split", "patches"),
-    "train_maskrcnn": ("decoded", "split", "coco"),
+    "train_maskrcnn": ("decoded", "split"),
     "predict": (),
     "synth": (),
     "evaluate": (),  # its cases fail on the command line's paths, before any input is read
@@ -140,12 +138,6 @@ def prepare(w: World, stage: str) -> None:
             split["train"], size=32, jitter=0.5, per_cell=1, background_fraction=0.05, seed=0,
         )
         write_parquet(w.work / "patches.parquet", index)
-    if "coco" in needs:
-        split = json.loads((w.work / "split.json").read_text())
-        images = pd.read_parquet(w.work / "decoded" / IMAGES_TABLE)
-        instances = pd.read_parquet(w.work / "decoded" / INSTANCES_TABLE)
-        for part in ("train", "val"):
-            write_coco(w.work / "coco" / f"coco_{part}.json", to_coco(images, instances, split[part]))
     if stage == "predict":
         (w.work / "images").mkdir()
         for image_id in ("sh0000000000", ASTRO):

@@ -6,12 +6,13 @@ a local ``torch.save`` file holding a full Mask R-CNN state dict, or a dict with
 checkpoint), ``"state_dict"`` or ``"model"`` entry holding one. Predictor tensors of another shape in such a
 file (e.g. a COCO 91-class file) stay randomly initialised; every other key must fit.
 
-Category ids are 1, 2, 3 for :data:`~cellseg.sources.CELL_TYPES` in order, 0 is background.
+Category ids are those of :mod:`cellseg.celltypes`; 0 is background.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, maskrcnn_resnet50_fpn_v2
@@ -27,16 +29,15 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor as MaskHead
 from torchvision.models.detection.rpn import RPNHead
 
-from cellseg.config import MaskRCNNParams
+from cellseg.celltypes import CELL_TYPES, by_category, category_id
 from cellseg.checkpoint import read_weights
-from cellseg.data import AugmentedDataset
-from cellseg.decode import instance_pixels, paint_order, read_source_image
+from cellseg.config import MaskRCNNParams, MaskRCNNPostprocess
+from cellseg.data import AugmentedDataset, ImageStore
+from cellseg.decode import INSTANCES_TABLE, instance_pixels
 from cellseg.errors import DataError, ParamsError, ResourceError
 from cellseg.instances import Instances, majority_class
 from cellseg.metrics import CompetitionScore
 from cellseg.postprocess import remove_overlaps
-from cellseg.celltypes import CELL_TYPES, category_id
-from cellseg.sources import SourceData
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,6 @@ def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
         "image_mean": [params.mean] * 3,
         "image_std": [params.std] * 3,
         "box_detections_per_img": params.detections_per_img,
-        # Detections under every class's threshold are dropped before the mask head and full-size mask pasting
-        # (4× faster inference for a weak model on CPU); predict_instances applies each class's own threshold.
-        "box_score_thresh": min(params.score_threshold.values()),
         "box_batch_size_per_image": params.box_batch_size_per_image,
         "rpn_pre_nms_top_n_train": params.rpn_pre_nms_top_n,
         "rpn_pre_nms_top_n_test": params.rpn_pre_nms_top_n,
@@ -154,34 +152,37 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class InstanceDataset(AugmentedDataset):
-    """Whole images (3×H×W in [0, 1], grey repeated; the model normalises) with their Mask R-CNN targets.
+    """Whole images (3×H×W in [0, 1], grey repeated; the model normalises) with their Mask R-CNN targets, straight
+    from the ``decode`` stage's outputs.
 
-    Built from a :class:`~cellseg.sources.SourceData` — in the pipeline the ``coco`` stage's json read by
-    :func:`cellseg.sources.coco.coco_to_source` — each instance keeps its own whole mask, overlaps with other cells
-    included (the label images of the ``decode`` stage would have trimmed them). Images and the instances'
-    pixel indices are held in memory; the N×H×W mask stack is built per item. The augmentation moves image
-    and masks together (seeded as :class:`~cellseg.data.AugmentedDataset` says); an instance it moves out of
-    the image is left out.
+    The images come from an :class:`~cellseg.data.ImageStore`; each instance keeps its own whole mask, decoded
+    from ``instances.parquet`` (overlaps with other cells included: the label images have trimmed them), in
+    label order. The instances' pixel indices are held in memory; the N×H×W mask stack is built per item. An
+    unaugmented item (validation) also carries the image's label image as ``truth``, what ``evaluate`` scores
+    against. The augmentation moves image and masks together (seeded as :class:`~cellseg.data.AugmentedDataset`
+    says); an instance it moves out of the image is left out.
     """
 
-    def __init__(self, data: SourceData, augment: A.Compose | None = None) -> None:
-        by_image = dict(tuple(data.annotations.groupby("image_id", sort=False)))
-        self.image_ids: list[str] = []
-        self.cell_types: list[str] = []
+    def __init__(
+        self, store: ImageStore, decoded_dir: Path, image_ids: Sequence[str], augment: A.Compose | None = None
+    ) -> None:
+        path = Path(decoded_dir) / INSTANCES_TABLE
+        cells = pd.read_parquet(path, columns=["image_id", "label", "row", "annotation"])
+        by_image = dict(tuple(cells.sort_values(["image_id", "label"]).groupby("image_id", sort=False)))
+        self.store = store
+        self.image_ids = list(image_ids)
         self.categories: list[int] = []
-        self._images: list[np.ndarray] = []
         self._pixels: list[np.ndarray] = []  # every instance's flat pixel indices, concatenated
         self._areas: list[np.ndarray] = []
-        for image in data.images.itertuples(index=False):
-            if image.cell_type not in CELL_TYPES:  # fails now, not mid-training
+        for image_id in self.image_ids:
+            cell_type = store.cell_type(image_id)
+            if cell_type not in CELL_TYPES:  # fails now, not mid-training
                 known = ", ".join(CELL_TYPES)
-                raise DataError(f"{data.annotation_file}: unknown cell type {image.cell_type!r}; expected one of {known}")
-            self.categories.append(category_id(image.cell_type))
-            pixels = read_source_image(data, image)
-            indices = instance_pixels(by_image[image.image_id], pixels.shape, data.annotation_file)
-            self.image_ids.append(image.image_id)
-            self.cell_types.append(image.cell_type)
-            self._images.append(pixels)
+                raise DataError(f"{path}: image {image_id!r}: unknown cell type {cell_type!r}; expected one of {known}")
+            if image_id not in by_image:
+                raise DataError(f"{path}: no instances of image {image_id!r}")
+            indices = instance_pixels(by_image[image_id], store.image(image_id).shape, path)
+            self.categories.append(category_id(cell_type))
             self._pixels.append(np.concatenate(indices).astype(np.int32))
             self._areas.append(np.array([len(i) for i in indices], dtype=np.int64))
         self.augment = augment
@@ -190,20 +191,24 @@ class InstanceDataset(AugmentedDataset):
         return len(self.image_ids)
 
     def masks(self, i: int) -> np.ndarray:
-        """Item ``i``'s instances as an N×H×W uint8 stack (1 inside), in annotation order."""
-        image, areas = self._images[i], self._areas[i]
+        """Item ``i``'s instances as an N×H×W uint8 stack (1 inside), in label order."""
+        image, areas = self.store.image(self.image_ids[i]), self._areas[i]
         masks = np.zeros((len(areas), image.size), dtype=np.uint8)
         masks[np.repeat(np.arange(len(areas)), areas), self._pixels[i]] = 1
         return masks.reshape(len(areas), *image.shape)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image, masks = self._images[i], self.masks(i)
-        if self.augment is not None:
+        image_id = self.image_ids[i]
+        image, masks, extra = self.store.image(image_id), self.masks(i), {}
+        if self.augment is None:
+            extra["truth"] = self.store.labels(image_id)
+        else:
             self._seed_worker()
             out = self.augment(image=image, masks=masks)
             image, masks = out["image"], np.asarray(out["masks"])
         target = instance_target(masks, self.categories[i])
-        return image_tensor(image), {**target, "image_id": self.image_ids[i], "cell_type": self.cell_types[i]}
+        target = {**target, "image_id": image_id, "cell_type": self.store.cell_type(image_id), **extra}
+        return image_tensor(image), target
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -213,17 +218,6 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[
 
 # ---------------------------------------------------------------------------------------------------
 # Post-processing
-
-
-def _per_class(values: Mapping[str, float], names: Sequence[str], param: str, fill: float) -> torch.Tensor:
-    """A lookup table by category id (0 = background → ``fill``) of a per-cell-type parameter."""
-    table = [fill]
-    for name in names:
-        key = name if name in values else "default"
-        if key not in values:
-            raise ParamsError(f"{param}: no entry for cell type {name!r} and no 'default' in {dict(values)}")
-        table.append(float(values[key]))
-    return torch.tensor(table, dtype=torch.float64)
 
 
 def paste_windows(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -240,9 +234,14 @@ def paste_windows(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.concatenate([low, high], axis=1).astype(np.int64).reshape(-1, 4)
 
 
-def predict_instances(
-    output: Mapping[str, torch.Tensor], params: MaskRCNNParams, cell_type_names: Sequence[str] = CELL_TYPES
-) -> Instances:
+def score_floor(model: nn.Module, post: MaskRCNNPostprocess) -> None:
+    """Drop detections under every class's ``score_threshold`` in the model itself, before its mask head and
+    full-size mask pasting (4× faster inference for a weak model on CPU); :func:`predict_instances` applies each
+    class's own threshold."""
+    model.roi_heads.score_thresh = min(by_category(post.score_threshold, 1.0)[1:])
+
+
+def predict_instances(output: Mapping[str, torch.Tensor], post: MaskRCNNPostprocess) -> Instances:
     """One image's Mask R-CNN output (``boxes``, ``labels``, ``scores``, ``masks`` N×1×H×W) → non-overlapping instances.
 
     Keeps detections scoring at least their class's ``score_threshold``, binarises the soft masks at
@@ -250,15 +249,15 @@ def predict_instances(
     whole-image masks took 1.6 s), gives shared pixels to the higher score, drops instances smaller than their
     class's ``min_size`` and labels the rest 1..n by decreasing score (:class:`~cellseg.inference.Instances`).
     """
-    thresholds = _per_class(params.score_threshold, cell_type_names, "maskrcnn.score_threshold", float("inf"))
-    min_sizes = _per_class(params.min_size, cell_type_names, "maskrcnn.min_size", 0)
+    thresholds = torch.tensor(by_category(post.score_threshold, math.inf), dtype=torch.float64)
+    min_sizes = np.array(by_category(post.min_size, 0))
     classes = output["labels"].detach().cpu().long()
     scores = output["scores"].detach().cpu().float()
-    if classes.numel() and (int(classes.min()) < 1 or int(classes.max()) > len(cell_type_names)):
-        raise DataError(f"predicted category ids {classes.unique().tolist()} outside 1..{len(cell_type_names)}")
+    if classes.numel() and (int(classes.min()) < 1 or int(classes.max()) > len(CELL_TYPES)):
+        raise DataError(f"predicted category ids {classes.unique().tolist()} outside 1..{len(CELL_TYPES)}")
     keep = scores.double() >= thresholds[classes]
     order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)[: int(keep.sum())]
-    soft, cut = output["masks"].detach()[:, 0], params.mask_threshold
+    soft, cut = output["masks"].detach()[:, 0], post.mask_threshold
     if soft.is_cuda:  # binarise on the GPU: bytes, not floats, cross to the host
         soft, cut = (soft > cut).to(torch.uint8), 0
     soft = soft.cpu().numpy()
@@ -268,29 +267,12 @@ def predict_instances(
     classes, scores = classes[order].numpy(), scores[order].numpy()
     labels, kept = remove_overlaps(crops, scores, windows=windows, shape=soft.shape[1:])
     sizes = np.bincount(labels.ravel(), minlength=len(kept) + 1)[1:]
-    big = np.flatnonzero(sizes >= min_sizes.numpy()[classes[kept]])
+    big = np.flatnonzero(sizes >= min_sizes[classes[kept]])
     lut = np.zeros(len(kept) + 1, dtype=np.uint16)
     lut[big + 1] = np.arange(1, len(big) + 1)
     kept = kept[big]
     classes = classes[kept].astype(np.int64)
     return Instances(lut[labels], classes, scores[kept].astype(np.float32), image_class=majority_class(classes))
-
-
-def target_labels(target: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """The uint16 label image of a target's masks (mask ``k`` → label ``k + 1``), overlaps resolved as the
-    ``decode`` stage does (:func:`cellseg.decode.paint_order`: the smaller cell keeps shared pixels), so that
-    validation scores against the same truth as the ``evaluate`` stage.
-
-    Each mask is read only inside its box: ~10 ms for 800 cells, where a reduction over the N×H×W stack takes seconds.
-    """
-    masks = target["masks"].cpu().numpy()
-    boxes = target["boxes"].cpu().numpy().astype(np.int64)
-    windows = [masks[k, y0:y1, x0:x1] > 0 for k, (x0, y0, x1, y1) in enumerate(boxes)]
-    labels = np.zeros(masks.shape[1:], dtype=np.uint16)
-    for k in paint_order(np.array([w.sum() for w in windows], dtype=np.int64)):
-        x0, y0, x1, y1 = boxes[k]
-        labels[y0:y1, x0:x1][windows[k]] = k + 1
-    return labels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,9 +284,10 @@ class MaskRCNNTask:
 
     name = "maskrcnn"
     monitor = "map"
+    collate = val_collate = staticmethod(collate)
 
-    def __init__(self, params: MaskRCNNParams) -> None:
-        self.params = params
+    def __init__(self, params: MaskRCNNParams, post: MaskRCNNPostprocess) -> None:
+        self.post = post
         # R50-FPN v2: 3.6 kB per pixel measured at image_scale 1 (7.3 kB at 0.5, where fixed costs weigh more)
         self.train_bytes_per_pixel = 3000 * params.image_scale**2
 
@@ -328,6 +311,7 @@ class MaskRCNNTask:
         """Competition mAP (``map``, ``map/<cell type>``), mean instances per image and inference images/s."""
         was_training = model.training
         model.eval()
+        score_floor(model, self.post)
         cuda = device.type == "cuda"
         score = CompetitionScore()
         n_pred, n_images, seconds = 0, 0, 0.0
@@ -343,8 +327,8 @@ class MaskRCNNTask:
                         torch.cuda.synchronize(device)
                     seconds += time.perf_counter() - began
                     for output, target in zip(outputs, targets):
-                        instances = predict_instances(output, self.params)
-                        score.add(target_labels(target), instances.labels, group=target["cell_type"])
+                        instances = predict_instances(output, self.post)
+                        score.add(target["truth"], instances.labels, group=target["cell_type"])
                         n_pred += len(instances.scores)
                         n_images += 1
         finally:
@@ -362,9 +346,13 @@ class MaskRCNNPredictor:
 
     name = "maskrcnn"
 
-    def __init__(self, model: nn.Module, params: MaskRCNNParams, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, params: MaskRCNNParams, post: MaskRCNNPostprocess, device: torch.device
+    ) -> None:
         self.model = model.to(device).eval()
+        score_floor(self.model, post)
         self.params = params
+        self.post = post
         self.device = device
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
@@ -372,4 +360,4 @@ class MaskRCNNPredictor:
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
             outputs = self.model([image_tensor(image).to(self.device) for image in images])
-            return [predict_instances(output, self.params) for output in outputs]
+            return [predict_instances(output, self.post) for output in outputs]

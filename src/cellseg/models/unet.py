@@ -21,68 +21,56 @@ import torch
 import torch.nn.functional as F
 
 from cellseg.checkpoint import read_weights
-from cellseg.config import UNetParams
-from cellseg.data import IGNORE_INDEX, padded_input
+from cellseg.config import UNetParams, UNetPostprocess
+from cellseg.data import IGNORE_INDEX, N_CLASSES, WholeImageDataset, padded_input
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.instances import Instances
 from cellseg.metrics import CompetitionScore, iou_dice
 from cellseg.postprocess import watershed_instances
-from cellseg.celltypes import CELL_TYPES
+from cellseg.celltypes import CELL_TYPES, category_id, per_type
 
 PARAM = "unet.encoder_weights"
 BN_MOMENTUM = 0.1
 TYPE_HEAD_DROPOUT = 0.2
-DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's default
 
 
-def build_unet(
-    *,
-    encoder: str = "efficientnet-b0",
-    weights: str = "none",
-    in_channels: int = 3,
-    classes: int = 3,
-    decoder_channels: Sequence[int] = DECODER_CHANNELS,
-) -> torch.nn.Module:
-    """A ``smp.Unet`` with the given encoder weights (see the module docstring) and a cell-type head.
+def build_unet(params: UNetParams) -> torch.nn.Module:
+    """A ``smp.Unet`` with the encoder, weights (see the module docstring), input channels and decoder widths of
+    ``params``, and a cell-type head.
 
-    Called on a batch it returns ``(class logits N×classes×H×W, cell-type logits N×len(CELL_TYPES))``.
+    Called on a batch it returns ``(class logits N×3×H×W, cell-type logits N×len(CELL_TYPES))``.
     """
-    if weights == "none":
-        return _smp_unet(encoder, None, in_channels, classes, decoder_channels)
-    if weights == "imagenet":
+    shape = (params.encoder, params.channels, params.decoder_channels)
+    if params.encoder_weights == "none":
+        return _smp_unet(*shape, None)
+    if params.encoder_weights == "imagenet":
         try:
-            return _smp_unet(encoder, "imagenet", in_channels, classes, decoder_channels)
+            return _smp_unet(*shape, "imagenet")
         except OSError as exc:  # hub/URL download failures: HfHubHTTPError, LocalEntryNotFoundError, URLError
             raise ResourceError(
-                f"ImageNet weights for encoder {encoder!r} could not be downloaded ({type(exc).__name__}); "
+                f"ImageNet weights for encoder {params.encoder!r} could not be downloaded ({type(exc).__name__}); "
                 f"check the network, or set {PARAM}: none (random init) or the path of a local weights file"
             ) from exc
-    return _load_local(encoder, Path(weights), in_channels, classes, decoder_channels)
+    return _load_local(*shape, Path(params.encoder_weights))
 
 
 def architecture(params: UNetParams) -> torch.nn.Module:
     """The U-Net ``params`` describe, randomly initialised: a checkpoint's weights go in it."""
-    return build_unet(
-        encoder=params.encoder, weights="none", in_channels=params.channels, classes=3,
-        decoder_channels=params.decoder_channels,
-    )
+    return build_unet(params.model_copy(update={"encoder_weights": "none"}))
 
 
-def unet_instances(probs: np.ndarray, cell_type: str, params: UNetParams) -> np.ndarray:
+def unet_instances(probs: np.ndarray, cell_type: str, post: UNetPostprocess) -> np.ndarray:
     """The uint16 label image of one image's (3, H, W) class probabilities: the watershed of
-    :func:`~cellseg.postprocess.watershed_instances` with the thresholds of ``params`` and the minimum size of
+    :func:`~cellseg.postprocess.watershed_instances` with the thresholds of ``post`` and the minimum size of
     ``cell_type`` (the predicted one: never the truth)."""
     return watershed_instances(
-        probs,
-        cell_type=cell_type,
-        min_size=params.min_size,
-        marker_threshold=params.marker_threshold,
-        mask_threshold=params.mask_threshold,
+        probs, marker_threshold=post.marker_threshold, mask_threshold=post.mask_threshold,
+        min_size=per_type(post.min_size, cell_type),
     )
 
 
 def _smp_unet(
-    encoder: str, weights: str | None, in_channels: int, classes: int, decoder_channels: Sequence[int]
+    encoder: str, in_channels: int, decoder_channels: Sequence[int], weights: str | None
 ) -> torch.nn.Module:
     """``smp.Unet`` with PyTorch's BatchNorm momentum; an unknown encoder or weights name raises :class:`ParamsError`.
 
@@ -93,7 +81,7 @@ def _smp_unet(
     head = {"classes": len(CELL_TYPES), "dropout": TYPE_HEAD_DROPOUT}
     try:
         model = smp.Unet(
-            encoder, encoder_weights=weights, in_channels=in_channels, classes=classes,
+            encoder, encoder_weights=weights, in_channels=in_channels, classes=N_CLASSES,
             decoder_channels=tuple(decoder_channels), aux_params=head,
         )
     except KeyError as exc:
@@ -105,17 +93,15 @@ def _smp_unet(
     return model
 
 
-def _load_local(
-    encoder: str, path: Path, in_channels: int, classes: int, decoder_channels: Sequence[int]
-) -> torch.nn.Module:
+def _load_local(encoder: str, in_channels: int, decoder_channels: Sequence[int], path: Path) -> torch.nn.Module:
     """A U-Net initialised from a local encoder or full-model state dict."""
     state = read_weights(path, PARAM, "'none', 'imagenet'")
-    model = _smp_unet(encoder, None, in_channels, classes, decoder_channels)
+    model = _smp_unet(encoder, in_channels, decoder_channels, None)
     if set(state) == set(model.state_dict()):
         _load_strict(model, state, path)
     elif set(state) == set(model.encoder.state_dict()):
         if not _shapes_fit(model.encoder, state):  # e.g. a 3-channel backbone for a 1-channel model
-            model = _smp_unet(encoder, None, 3, classes, decoder_channels)
+            model = _smp_unet(encoder, 3, decoder_channels, None)
             _load_strict(model.encoder, state, path)
             model.encoder.set_in_channels(in_channels, pretrained=True)
         else:
@@ -159,9 +145,11 @@ class UNetTask:
     # encoder._bn1), which the U-Net never uses: DistributedDataParallel must look for unused parameters, or
     # it fails at the second step.
     find_unused_parameters = True
+    collate, val_collate = None, staticmethod(WholeImageDataset.collate)
 
-    def __init__(self, params: UNetParams, channels_last: bool = False) -> None:
+    def __init__(self, params: UNetParams, post: UNetPostprocess, channels_last: bool) -> None:
         self.params = params
+        self.post = post
         self.channels_last = channels_last
         self.dice_loss = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
 
@@ -219,7 +207,7 @@ class UNetTask:
                     for group in ("all", cell_type):
                         counts[group] = counts.get(group, 0) + found
                         typed[group] = typed.get(group, 0) + right
-                    labels = unet_instances(probs[k, :, :height, :width], CELL_TYPES[predicted[k]], self.params)
+                    labels = unet_instances(probs[k, :, :height, :width], CELL_TYPES[predicted[k]], self.post)
                     score.add(batch["labels"][k, :height, :width].numpy(), labels, group=cell_type)
         model.train()
         metrics = {"loss": loss_sum / max(n_images, 1)}
@@ -246,9 +234,12 @@ class UNetPredictor:
 
     name = "unet"
 
-    def __init__(self, model: torch.nn.Module, params: UNetParams, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, params: UNetParams, post: UNetPostprocess, device: torch.device
+    ) -> None:
         self.model = model.to(device).eval()
         self.params = params
+        self.post = post
         self.device = device
 
     @torch.inference_mode()
@@ -267,12 +258,13 @@ class UNetPredictor:
         for image in images:
             probs, type_probs = self.probabilities(image)
             type_index = int(type_probs.argmax())
-            labels = unet_instances(probs, CELL_TYPES[type_index], self.params)
+            labels = unet_instances(probs, CELL_TYPES[type_index], self.post)
             n = int(labels.max())
             foreground = probs[1] + probs[2]
             sums = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=n + 1)[1:]
             sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
             scores = sums / np.maximum(sizes, 1)
-            classes = np.full(n, type_index + 1, dtype=np.int64)
-            results.append(Instances(labels, classes, scores.astype(np.float32), image_class=type_index + 1))
+            category = category_id(CELL_TYPES[type_index])
+            classes = np.full(n, category, dtype=np.int64)
+            results.append(Instances(labels, classes, scores.astype(np.float32), image_class=category))
         return results

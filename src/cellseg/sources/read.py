@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cellseg.errors import ParamsError
 from cellseg.sources import SourceData, subset
 from cellseg.sources.coco import read_livecell
 from cellseg.sources.kaggle import read_kaggle
@@ -14,6 +13,4 @@ READERS = {"kaggle": read_kaggle, "synthetic": read_kaggle, "livecell": read_liv
 
 def load_source(source: str, root: str | Path, *, limit_images: int | None = None, seed: int = 0) -> SourceData:
     """Read the data set at ``root`` in the format named by ``source`` and take the subset asked for."""
-    if source not in READERS:
-        raise ParamsError(f"data.source: unknown source {source!r}; expected one of {', '.join(READERS)}")
     return subset(READERS[source](root), limit_images, seed)

@@ -56,7 +56,6 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from cellseg import io
-from cellseg.errors import ParamsError
 from cellseg.celltypes import CELL_TYPES
 from cellseg.sources.kaggle import CSV_COLUMNS
 
@@ -147,7 +146,6 @@ class _Visit(NamedTuple):
 
 def synthesize(out_dir: Path, n_images: int, seed: int) -> pd.DataFrame:
     """Write a synthetic Kaggle-format data set to ``out_dir`` atomically and return its ``train.csv`` table."""
-    _check_params(n_images, seed)
     out_dir = Path(out_dir)
     rows: list[tuple[object, ...]] = []
     with io.atomic_path(out_dir, directory=True) as tmp:
@@ -162,14 +160,6 @@ def synthesize(out_dir: Path, n_images: int, seed: int) -> pd.DataFrame:
         table.to_csv(tmp / "train.csv", index=False, lineterminator="\n")
     log.info("synthesized %d images, %d cells in %s", n_images, len(table), out_dir)
     return table
-
-
-def _check_params(n_images: int, seed: int) -> None:
-    for name, value, low in (("n_images", n_images, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ParamsError(f"synthesize: {name} must be an integer, got {value!r}")
-        if value < low:
-            raise ParamsError(f"synthesize: {name} must be at least {low}, got {value}")
 
 
 # ---------------------------------------------------------------- layout: types, wells, ids
