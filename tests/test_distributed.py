@@ -207,7 +207,7 @@ def test_open_tracker_on_other_ranks_touches_nothing(monkeypatch: pytest.MonkeyP
     """Rank 1 gets a do-nothing tracker without contacting the store (rank 0 fails on this unreachable one)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    with open_tracker(uri="http://127.0.0.1:1", run_name="unet") as tracker:
+    with open_tracker(enabled=True, uri="http://127.0.0.1:1", experiment="cellseg-test", run_name="unet") as tracker:
         assert type(tracker) is Tracker
         tracker.start(params={"a": 1})
         assert tracker.run_id is None

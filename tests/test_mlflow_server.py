@@ -97,7 +97,8 @@ def test_tracked_training_through_a_server(server: str, tmp_path: Path, client_e
     cfg = config(epochs=2)
     record = run_record({"train": {"unet": cfg.model_dump()}, "unet": {"encoder": "tiny"}}, "unet", repo_dir=REPO)
     run = TrainingRun(
-        tmp_path / "models", tmp_path / "metrics", open_tracker(uri=server, experiment="server-test", run_name="unet"),
+        tmp_path / "models", tmp_path / "metrics",
+        open_tracker(enabled=True, uri=server, experiment="server-test", run_name="unet"),
         {"model_params": {"encoder": "tiny"}}, record["run_params"], record["run_tags"],
     )
     summary = train_tracked(new_model(), UNetTask(*unet_task_args()), *sets, cfg, run)
@@ -137,6 +138,6 @@ def test_unreachable_server_fails_before_training(tmp_path: Path, client_env: No
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     began = time.perf_counter()
     with pytest.raises(ResourceError, match="unreachable"):
-        open_tracker(uri=uri, experiment="server-test", run_name="unet")
+        open_tracker(enabled=True, uri=uri, experiment="server-test", run_name="unet")
     assert time.perf_counter() - began < 10
     assert list(tmp_path.iterdir()) == []

@@ -94,7 +94,7 @@ def test_runs_of_a_dvc_temporary_copy_go_to_the_project_store(tmp_path: Path, mo
     note = copy / "note.txt"
     note.write_text("kept")
     monkeypatch.chdir(copy)
-    with open_tracker(experiment="temp copy", run_name="t") as tracker:
+    with open_tracker(enabled=True, uri=None, experiment="temp copy", run_name="t") as tracker:
         tracker.start(params={"a": 1}, tags={})
         tracker.log_artifact(note, artifact_path="notes")
     assert (project / "mlflow.db").is_file() and not (copy / "mlflow.db").exists() and not (copy / "mlruns").exists()
@@ -125,7 +125,7 @@ def test_full_run_round_trip(in_store: Path, monkeypatch: pytest.MonkeyPatch) ->
     plot.write_text("loss\n")
     model = torch.nn.Linear(3, 2)
     params = flatten_params({"train": {"lr": 0.01, "epochs": 3}, "model": {"arch": "unet"}})
-    with open_tracker(uri=None, experiment="roundtrip", run_name="unet") as tracker:
+    with open_tracker(enabled=True, uri=None, experiment="roundtrip", run_name="unet") as tracker:
         tracker.start(params=params, tags={"model": "unet", "git_commit": "abc123", "dvc_exp": None})
         for step in range(3):
             tracker.log_metrics({"train/loss": 1.0 / (step + 1), "val/iou": 0.1 * step}, step=step)
@@ -229,7 +229,7 @@ def test_run_logs_its_name_and_data_inputs(in_store: Path) -> None:
         dataset_input("kaggle", data, data / "decoded", "validation", limit_images=5),
     ]
     name = run_name("unet", "kaggle", "exp-x")
-    with open_tracker(experiment="inputs", run_name=name) as tracker:
+    with open_tracker(enabled=True, uri=None, experiment="inputs", run_name=name) as tracker:
         tracker.start(params={"a": 1}, tags={}, inputs=inputs)
         run_id = tracker.run_id
     run = _client().get_run(run_id)
@@ -249,7 +249,7 @@ def test_exception_marks_run_failed_and_interrupt_killed(in_store: Path) -> None
     ids = []
     for exc, status in ((ValueError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
         with pytest.raises(type(exc)):
-            with open_tracker(experiment="failing", run_name="unet") as tracker:
+            with open_tracker(enabled=True, uri=None, experiment="failing", run_name="unet") as tracker:
                 tracker.start(params={"a": 1})
                 tracker.log_metrics({"train/loss": 1.0}, step=0)
                 ids.append(tracker.run_id)
@@ -259,10 +259,10 @@ def test_exception_marks_run_failed_and_interrupt_killed(in_store: Path) -> None
 
 def test_resume_continues_the_run(in_store: Path) -> None:
     params = {"train.lr": 0.01}
-    with open_tracker(experiment="resume", run_name="unet") as first:
+    with open_tracker(enabled=True, uri=None, experiment="resume", run_name="unet") as first:
         first.start(params=params)
         first.log_metrics({"val/iou": 0.1}, step=0)
-    with open_tracker(experiment="resume", run_name="unet") as second:
+    with open_tracker(enabled=True, uri=None, experiment="resume", run_name="unet") as second:
         second.start(params={**params, "train.resumed": True}, run_id=first.run_id)
         second.log_metrics({"val/iou": 0.2}, step=1)
     assert second.run_id == first.run_id
@@ -274,16 +274,16 @@ def test_resume_continues_the_run(in_store: Path) -> None:
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
     with pytest.raises(ParamsError, match="train.lr"):
-        open_tracker(experiment="resume").start(params={"train.lr": 0.1}, run_id=first.run_id)
+        open_tracker(enabled=True, uri=None, experiment="resume").start(params={"train.lr": 0.1}, run_id=first.run_id)
     with pytest.raises(ResourceError, match="cannot resume"):
-        open_tracker(experiment="resume").start(params=params, run_id="0" * 32)
+        open_tracker(enabled=True, uri=None, experiment="resume").start(params=params, run_id="0" * 32)
 
 
 def test_disabled_tracker_does_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plot.png").write_bytes(b"png")
     before = sorted(tmp_path.rglob("*"))
-    with open_tracker(enabled=False, uri="http://127.0.0.1:1", run_name="unet") as tracker:
+    with open_tracker(enabled=False, uri="http://127.0.0.1:1", experiment="cellseg-test", run_name="unet") as tracker:
         assert type(tracker) is Tracker
         tracker.start(params={"a": 1}, tags={"model": "unet"}, run_id=None)
         tracker.log_metrics({"train/loss": 0.3}, step=0)
@@ -297,7 +297,7 @@ def test_unreachable_server_fails_fast_at_open() -> None:
     uri = f"http://127.0.0.1:{_free_port()}"
     t0 = time.perf_counter()
     with pytest.raises(ResourceError, match="unreachable") as err:
-        open_tracker(uri=uri)
+        open_tracker(enabled=True, uri=uri, experiment="cellseg-test")
     assert time.perf_counter() - t0 < 10
     assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
 

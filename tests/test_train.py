@@ -524,7 +524,7 @@ def test_fit_without_tracking_writes_nothing_to_the_cwd(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with open_tracker(enabled=False, run_name="unet") as tracker:
+    with open_tracker(enabled=False, uri=None, experiment="cellseg-test", run_name="unet") as tracker:
         run_fit(sets, tmp_path / "out", config(epochs=1), tracker=tracker)
     assert list(cwd.iterdir()) == []
     assert (tmp_path / "out" / "models" / "last.pt").is_file()
@@ -553,7 +553,8 @@ def test_train_tracked_records_the_run(
     assert record["run_tags"]["data_source"] == "synthetic" and record["run_inputs"] == inputs
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = TrainingRun(
-        tmp_path / "models", tmp_path / "metrics", open_tracker(uri=uri, experiment="train-test", run_name="unet"),
+        tmp_path / "models", tmp_path / "metrics",
+        open_tracker(enabled=True, uri=uri, experiment="train-test", run_name="unet"),
         {"model_params": {"encoder": "tiny"}}, record["run_params"], record["run_tags"], record["run_inputs"],
     )
     summary = train_tracked(new_model(), UNetTask(*unet_task_args()), *sets, cfg, run)

@@ -28,7 +28,7 @@ def check_device(name: str) -> str:
     return name
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str) -> torch.device:
     """``auto`` → CUDA when present, else CPU; otherwise the named device (checked by :func:`check_device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

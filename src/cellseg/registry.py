@@ -1,9 +1,9 @@
 """The models cellseg trains, one entry each: all that inference, evaluation and the report know of a model.
 
-A model is added with one module under ``cellseg/models/``, one entry in :data:`MODELS`, its params section
-and post-processing section (:mod:`cellseg.config`) and its training stage; nothing else branches on model names. (A module of its own,
-not ``cellseg/models/__init__.py``: importing a model module runs its package first, which would import every
-model module in turn.)
+A model is added with one module under ``cellseg/models/``, one entry in :data:`MODELS`, its params and
+post-processing sections (:mod:`cellseg.config`) and its training stage; nothing else branches on model names.
+(A module of its own, not ``cellseg/models/__init__.py``: importing a model module runs its package first,
+which would import every model module in turn.)
 """
 
 from __future__ import annotations

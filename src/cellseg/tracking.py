@@ -9,7 +9,7 @@ Usage (the trainer)::
         tracker.log_model(model, name="model")  # mlflow.pytorch.load_model(f"runs:/{run_id}/model")
 
 Leaving the ``with`` block ends the run: FINISHED, FAILED on an exception, KILLED on Ctrl-C.
-``open_tracker(enabled=False)`` returns a ``Tracker`` whose methods do nothing, and so does ``open_tracker`` in
+``open_tracker(enabled=False, ...)`` returns a ``Tracker`` whose methods do nothing, and so does ``open_tracker`` in
 every process but rank 0 of a ``torchrun`` launch (:mod:`cellseg.distributed`): one run per training.
 
 Tracking URI: the ``uri`` argument, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
@@ -191,7 +191,7 @@ def check_server(uri: str, experiment: str, timeout: float = PROBE_TIMEOUT_S) ->
 
 
 class Tracker:
-    """The tracker interface; this base class does nothing (``open_tracker(enabled=False)``)."""
+    """The tracker interface; this base class does nothing (``open_tracker(enabled=False, ...)``)."""
 
     @property
     def run_id(self) -> str | None:
@@ -371,12 +371,7 @@ def _meta_dataset(dataset: DatasetInput):  # -> mlflow.data.meta_dataset.MetaDat
     return MetaDataset(source=source, name=dataset.name, digest=dataset.digest)
 
 
-def open_tracker(
-    enabled: bool = True,
-    uri: str | None = None,
-    experiment: str = "cellseg",
-    run_name: str | None = None,
-) -> Tracker:
+def open_tracker(enabled: bool, uri: str | None, experiment: str, run_name: str | None = None) -> Tracker:
     """Open the tracking store (see the module docstring) and get or create ``experiment``.
 
     Raises ResourceError if the server or store cannot be reached; ``enabled=False``, or a process other than

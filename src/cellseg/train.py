@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cellseg import distributed
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
-from cellseg.config import TrainParams
+from cellseg.config import DataParams, TrackingParams, TrainParams
 from cellseg.devices import free_memory, pick_device
 from cellseg.errors import DataError, ParamsError, TrainingError
 from cellseg.io import atomic_path, write_json
@@ -172,8 +172,8 @@ class TrainingRun:
 
 
 def training_run(
-    raw: Mapping[str, Any], data: Any, tracking: Any, model: str, inputs: Sequence[tuple[str | Path, str]],
-    model_dir: Path, metrics_dir: Path, stored: Mapping[str, Any],
+    raw: Mapping[str, Any], data: DataParams, tracking: TrackingParams, model: str,
+    inputs: Sequence[tuple[str | Path, str]], model_dir: Path, metrics_dir: Path, stored: Mapping[str, Any],
 ) -> TrainingRun:
     """The :class:`TrainingRun` of a training stage: its tracker (params ``tracking``), the data sets ``inputs``
     (``(path, context)``; ``data`` the params section of their source) and every param of ``raw`` recorded."""

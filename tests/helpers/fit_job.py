@@ -137,7 +137,8 @@ def main() -> None:
     torch.set_num_threads(1)  # as the tests do: fast and reproducible on a shared 2-core machine
     train_set, val_set = datasets(args.data)
     cfg = config(epochs=args.epochs, resume=args.resume)
-    run = TrainingRun(args.out / "models", args.out / "metrics", open_tracker(enabled=False), {"model_params": {}})
+    tracker = open_tracker(enabled=False, uri=None, experiment="cellseg-test")
+    run = TrainingRun(args.out / "models", args.out / "metrics", tracker, {"model_params": {}})
     fit(new_model(), SlowTask(args.delay), train_set, val_set, cfg, run)
 
 
