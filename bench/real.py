@@ -14,9 +14,8 @@ as the ``evaluate`` stage does), in three parts:
 
 On the CPU the budget is :data:`CPU_BUDGET` (≤ 20 minutes of U-Net training on 2 cores); where CUDA is
 present, the GPU recipe of the README (:data:`GPU_RECIPE`). Mask R-CNN takes part with ``--maskrcnn`` (the
-default where CUDA is present): on 2 CPU cores its R50-FPN v2 takes ≈ 30 s per training step of 2 images and
-≈ 20 s per validation image (1,500 proposals through its 4-convolution box head), so that one pass over the
-90 real validation images alone costs 30 minutes. It prints a Markdown table (per model and
+default where CUDA is present), within the U-Net's budget: 4 × 256 images (the CPU default's ResNet-18 FPN
+takes ≈ 1.1 s an image on 2 cores, ``docs/benchmarks.md``; real images hold more cells than synthetic ones). It prints a Markdown table (per model and
 cell type: competition mAP, COCO mask AP, Dice, cells found against truth, image-level type accuracy,
 images/s), writes every figure as JSON (``--out``) and plots the U-Net's validation mAP against the minutes of
 training (``--plot``; one point per epoch, from its ``epochs.csv``).
@@ -57,12 +56,12 @@ GROUPS = ("all", "shsy5y", "astro", "cort")
 
 # Training budget on 2 CPU cores (AVX2, no native bfloat16): the U-Net sees 6 × 2,200 windows of 128²
 # (≈ 11 windows/s: ≈ 20 min of training, plus ≈ 1 min of validation per epoch); Mask R-CNN (with --maskrcnn)
-# 12 steps of 2 images (≈ 6 min) and one validation pass.
+# 4 × 256 images, about as long.
 CPU_BUDGET = {
     "train.unet.epochs": 6,
     "train.unet.samples_per_epoch": 2200,
-    "train.maskrcnn.epochs": 1,
-    "train.maskrcnn.samples_per_epoch": 24,
+    "train.maskrcnn.epochs": 4,
+    "train.maskrcnn.samples_per_epoch": 256,
 }
 # The README's full recipe (a GPU).
 GPU_RECIPE = {
@@ -71,6 +70,10 @@ GPU_RECIPE = {
     "train.unet.samples_per_epoch": None,
     "train.unet.batch_size": 64,
     "train.unet.workers": max(2, min(12, (os.cpu_count() or 4) - 2)),
+    "maskrcnn.backbone": "resnet50_fpn_v2",
+    "maskrcnn.box_batch_size_per_image": 512,
+    "maskrcnn.rpn_pre_nms_top_n": 6000,
+    "maskrcnn.rpn_post_nms_top_n": 3000,
     "maskrcnn.image_scale": 2.0,
     "train.maskrcnn.epochs": 30,
     "train.maskrcnn.samples_per_epoch": None,

@@ -228,3 +228,15 @@ def test_shard_sampler() -> None:
     assert [len(shard) for shard in shards] == [3, 3, 3]
     assert sorted(i for shard in shards for i in shard) == sorted(single[:9])
     assert shards[1] == single[1:9:3]
+
+
+def test_shard_sampler_draws_more_than_the_data_set_in_whole_passes() -> None:
+    """``samples_per_epoch`` above the data set's size: whole random permutations (each sample once per pass), then
+    the start of one more; the first pass is the draw of ``samples_per_epoch`` = the size."""
+    drawn = list(distributed.ShardSampler(6, 15, torch.Generator().manual_seed(3)))
+    assert len(drawn) == 15
+    assert sorted(drawn[:6]) == sorted(drawn[6:12]) == list(range(6)) and len(set(drawn[12:])) == 3
+    assert drawn[:6] == list(distributed.ShardSampler(6, 6, torch.Generator().manual_seed(3)))
+    assert drawn[6:12] != drawn[:6]  # a new order at each pass
+    shards = [list(distributed.ShardSampler(6, 15, torch.Generator().manual_seed(3), rank, 2)) for rank in range(2)]
+    assert [len(shard) for shard in shards] == [7, 7] and shards[0] == drawn[:14:2]

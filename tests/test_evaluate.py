@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def test_perfect_predictions_score_one(dataset) -> None:
     # COCO AP is below 1 only through the cells that the decode overlap rule trimmed
     assert m["coco_segm_AP"] > 0.95 and m["coco_bbox_AP50"] > 0.97
     assert m["n_pred"] == m["n_true"] > 100
+    assert m["recall50"] == 1.0 and all(m[f"recall50/{t}"] == 1.0 for t in CELL_TYPES)
+    assert m["coco_segm_AP_maxdets100"] <= m["coco_segm_AP"]  # COCO's default limit counts fewer cells
+    # every name is one MLflow takes (alphanumerics, _ - . space : /): evaluate logs them all into the runs
+    assert [k for k in m if not re.fullmatch(r"[\w\-. :/]+", k)] == []
     assert list(result.per_threshold["all"].values()) == pytest.approx([1.0] * 10)
 
 
@@ -83,6 +88,7 @@ def test_missing_half_of_the_cells(dataset) -> None:
     # TP = n/2, FN = n/2, FP = 0 at every threshold → 0.5 per image (±1 cell for odd counts)
     assert m["map"] == pytest.approx(0.5, abs=0.02)
     assert m["n_pred"] == pytest.approx(m["n_true"] / 2, abs=3)
+    assert m["recall50"] == pytest.approx(m["n_pred"] / m["n_true"])  # every cell kept is found, no other
     assert m["coco_segm_AP"] < 0.6
 
 
@@ -128,7 +134,7 @@ def test_plots_and_report(dataset, tmp_path: Path) -> None:
     write_report(report, evaluations, store, ids, plots, {"unet": {"encoder": "efficientnet-b0"}, "maskrcnn": {}})
     text = report.read_text()
     assert "| cell type |" in text and "| shsy5y |" in text
-    assert "Mask R-CNN (R50-FPN v2) leads with mAP 1.000" in text
+    assert "Mask R-CNN leads with mAP 1.000" in text
     level = strengths(evaluations[1:] * 2, ["all"])
-    assert level == ["- **all**: no model leads: Mask R-CNN (R50-FPN v2) and Mask R-CNN (R50-FPN v2) both reach mAP 1.000."]
+    assert level == ["- **all**: no model leads: Mask R-CNN and Mask R-CNN both reach mAP 1.000."]
     assert "](../plots/curves.png)" in text and "`efficientnet-b0`" in text

@@ -13,6 +13,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
+from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+from torchvision.ops import FrozenBatchNorm2d
 
 from cellseg import config, rle
 from cellseg.augment import build_augmentations
@@ -25,8 +27,12 @@ from cellseg.errors import DataError, ParamsError, ResourceError
 from cellseg.inference import load_predictor
 from cellseg.instances import Instances, majority_class
 from cellseg.models.maskrcnn import (
+    BACKBONE_WEIGHTS,
+    COCO_WEIGHTS,
+    HEADS,
     InstanceDataset,
     MaskRCNNTask,
+    architecture,
     build_maskrcnn,
     collate,
     instance_target,
@@ -167,7 +173,7 @@ def test_detections_under_every_threshold_are_dropped_early_without_changing_ins
     thresholds = {"shsy5y": 0.8, "astro": 0.85, "cort": 0.88}  # within this random model's scores
     floored = post(score_threshold=thresholds, min_size={"default": 1})
     torch.manual_seed(0)
-    model = build_maskrcnn(tiny_params(detections_per_img=100)).eval()
+    model = build_maskrcnn(tiny_params(backbone="resnet50_fpn_v2", detections_per_img=100)).eval()  # its scores
     score_floor(model, floored)
     assert model.roi_heads.score_thresh == 0.8
     score_floor(model, post(score_threshold={"astro": 0.3, "default": 0.6}))
@@ -372,17 +378,75 @@ def test_missing_and_garbage_files_are_named(tmp_path: Path) -> None:
         build_maskrcnn(tiny_params(weights=str(garbage)))
 
 
-def test_coco_offline_raises_resource_error(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("weights", ["coco", "imagenet"])
+@pytest.mark.parametrize("backbone", ["resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_large_fpn"])
+def test_offline_downloads_raise_resource_error(monkeypatch: pytest.MonkeyPatch, backbone: str, weights: str) -> None:
     def offline(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("offline")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    if weights == "coco" and backbone not in COCO_WEIGHTS:
+        with pytest.raises(ParamsError, match=rf"maskrcnn.weights: torchvision has no COCO Mask R-CNN with backbone '{backbone}'"):
+            build_maskrcnn(tiny_params(backbone=backbone, weights=weights))
+        return
     try:
-        build_maskrcnn(tiny_params(weights="coco"))
+        build_maskrcnn(tiny_params(backbone=backbone, weights=weights))
     except ResourceError as exc:
-        assert "maskrcnn.weights: none" in str(exc)
+        assert "could not be downloaded (URLError" in str(exc) and "maskrcnn.weights: none" in str(exc)
     else:
-        pytest.skip("COCO weights are in the local cache: nothing failed to download")
+        pytest.skip(f"{weights} weights are in the local cache: nothing failed to download")
+
+
+BACKBONES = ["resnet50_fpn_v2", "resnet50_fpn", "resnet34_fpn", "resnet18_fpn", "mobilenet_v3_large_fpn"]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_trains_predicts_and_reloads(backbone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each backbone gives a Mask R-CNN with the configured classes and anchors that trains a step, predicts, and
+    whose weights load into the architecture a checkpoint rebuilds (also for a pretrained one's frozen BatchNorm)."""
+    monkeypatch.setitem(BACKBONE_WEIGHTS, backbone, None)  # the ImageNet-initialised network, without the download
+    torch.manual_seed(0)
+    params = tiny_params(backbone=backbone)
+    model = build_maskrcnn(params)
+    per_level = model.rpn.anchor_generator.num_anchors_per_location()
+    levels = 3 if backbone.startswith("mobilenet") else 5
+    assert len(per_level) == levels and model.rpn.head.cls_logits.out_channels == per_level[0]
+    assert per_level[0] == len(params.aspect_ratios) * (1 if levels == 5 else len(params.anchor_sizes))
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    stats = tiny_task(params).train_step(model, tiny_batch(1), CPU)
+    stats["loss"].backward()
+    assert torch.isfinite(stats["loss"])
+    model.eval()
+    with torch.inference_mode():
+        (output,) = model(tiny_batch(1)[0])
+    assert output["masks"].shape[1:] == (1, 64, 96)
+    for weights in ("none", "imagenet"):  # what a checkpoint of either was trained as
+        trained = build_maskrcnn(tiny_params(backbone=backbone, weights=weights))
+        architecture(tiny_params(backbone=backbone, weights=weights)).load_state_dict(trained.state_dict())
+        frozen = any(isinstance(m, FrozenBatchNorm2d) for m in trained.modules())
+        assert frozen == (weights == "imagenet" and backbone != "resnet50_fpn_v2")  # as torchvision's builders
+
+
+def test_coco_weights_replace_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``weights: coco`` loads torchvision's COCO state dict (here one of the right shapes, saved locally: the
+    download is faked) into every layer but the 91-class predictors and the RPN logits of other anchors."""
+    coco = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)  # COCO's shapes and anchors
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in coco.state_dict().items()}
+
+    class Download:
+        def get_state_dict(self, progress: bool = True) -> dict[str, torch.Tensor]:
+            return state
+
+    monkeypatch.setitem(COCO_WEIGHTS, "resnet50_fpn_v2", Download())
+    model = build_maskrcnn(tiny_params(backbone="resnet50_fpn_v2", weights="coco"))
+    own = model.state_dict()
+    kept = [k for k in state if own[k].shape == state[k].shape]
+    assert all(torch.equal(own[k], state[k]) for k in kept)
+    replaced = sorted(k for k in state if own[k].shape != state[k].shape)
+    assert replaced and all(k.startswith(HEADS) for k in replaced)
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    assert own["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 4
+    assert not model.backbone.body.conv1.weight.requires_grad and model.backbone.body.layer4[0].conv1.weight.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------------

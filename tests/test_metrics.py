@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from cellseg import rle
 from cellseg.errors import DataError, ParamsError
 from cellseg.metrics import (
+    MAX_DETS,
     THRESHOLDS,
     CompetitionScore,
     SparseIoU,
@@ -411,6 +412,8 @@ def test_coco_ap_counts_more_than_100_detections() -> None:
     results = _as_results(gt)
     assert coco_ap(gt, results)["AP"] == pytest.approx(1.0)
     assert coco_ap(gt, results, max_dets=100)["AR"] == pytest.approx(100 / 150)
+    # AP@100 is COCO's default limit, reported beside AP at MAX_DETS: a third of these cells are past it
+    assert MAX_DETS == 2000 and coco_ap(gt, results)["AP@100"] < 0.7
 
 
 def test_coco_ap_errors() -> None:

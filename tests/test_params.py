@@ -134,6 +134,8 @@ def test_anchors_are_fine_aliases_are_not(tmp_path: Path) -> None:
         ("postprocess.maskrcnn.mask_threshold", 0.0, r"postprocess.maskrcnn.mask_threshold: .*greater than 0"),
         ("unet.decoder_channels", [128, 64, 32, 16, 0], r"unet.decoder_channels.4: .*greater than or equal to 1"),
         ("synth.images", 10**6, r"synth.images: Input should be less than or equal to 10000"),
+        ("maskrcnn.backbone", "resnet101_fpn", r"maskrcnn.backbone: Input should be 'resnet50_fpn_v2', 'resnet50_fpn', "
+         r"'resnet34_fpn', 'resnet18_fpn' or 'mobilenet_v3_large_fpn' \(got 'resnet101_fpn'\)"),
     ],
 )
 def test_values_are_checked_for_meaning(key: str, value: object, message: str) -> None:

@@ -121,9 +121,10 @@ class UNetParams(ModelInput):
 
 
 class MaskRCNNParams(ModelInput):
-    """``maskrcnn``: torchvision's Mask R-CNN R50-FPN v2, sized for cells."""
+    """``maskrcnn``: torchvision's Mask R-CNN, sized for cells."""
 
-    weights: str  # coco | none | <path to a local weights file>
+    backbone: Literal["resnet50_fpn_v2", "resnet50_fpn", "resnet34_fpn", "resnet18_fpn", "mobilenet_v3_large_fpn"]
+    weights: str  # coco | imagenet | none | <path to a local weights file>
     image_scale: float = Field(gt=0.0, le=4.0)  # 2.0: 704×520 images upscaled ×2
     anchor_sizes: list[Annotated[int, Field(ge=1, le=2048)]] = Field(min_length=5, max_length=5)
     aspect_ratios: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(min_length=1, max_length=32)

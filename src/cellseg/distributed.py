@@ -112,9 +112,10 @@ def all_sum(values: Mapping[str, float]) -> dict[str, float]:
 class ShardSampler(Sampler[int]):
     """This rank's share of ``num_samples`` indices of ``range(length)`` drawn at random, anew at each pass.
 
-    The indices are ``randperm(length, generator)[:num_samples]``, as torch's ``RandomSampler`` draws them, so
-    that every rank, seeding ``generator`` alike, draws the same ones; rank ``rank`` of ``world`` takes every
-    ``world``-th from the ``rank``-th, after the last ``num_samples % world`` are dropped so that each rank gets
+    The indices are ``randperm(length, generator)[:num_samples]``, as torch's ``RandomSampler`` draws them (more
+    than ``length``: further permutations follow, each index once per permutation), so that every rank, seeding
+    ``generator`` alike, draws the same ones; rank ``rank`` of ``world`` takes every ``world``-th from the
+    ``rank``-th, after the last ``num_samples % world`` are dropped so that each rank gets
     ``num_samples // world``. The shards are disjoint and a world of 1 takes all ``num_samples``.
     """
 
@@ -123,8 +124,10 @@ class ShardSampler(Sampler[int]):
         self.per_rank = num_samples // world
 
     def __iter__(self) -> Iterator[int]:
-        drawn = torch.randperm(self.length, generator=self.generator)[: self.per_rank * self.world]
-        return iter(drawn[self.rank :: self.world].tolist())
+        wanted = self.per_rank * self.world
+        permutations = max(1, -(-wanted // self.length)) if self.length else 1
+        drawn = torch.cat([torch.randperm(self.length, generator=self.generator) for _ in range(permutations)])
+        return iter(drawn[:wanted][self.rank :: self.world].tolist())
 
     def __len__(self) -> int:
         return self.per_rank

@@ -4,7 +4,9 @@ Every metric is given overall and per (true) cell type. Models see the images on
 are their own predictions. COCO AP is per class, as COCO defines it, with each model's predicted classes;
 ``image_type_accuracy`` is the share of images whose cell type the model names (the U-Net: its classification
 head; Mask R-CNN: the majority type of its cells), ``type_accuracy`` the share of found cells given the
-image's true type.
+image's true type, ``recall50`` the share of true cells a prediction matches at IoU > 0.5. COCO AP counts up
+to :data:`~cellseg.metrics.MAX_DETS` detections per image, as LIVECell's evaluator does (``AP_maxdets100``: at
+100, to compare with papers that keep COCO's default).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from cellseg.metrics import CompetitionScore, coco_ap, iou_dice, pixel_counts
 
 log = logging.getLogger(__name__)
 
-COCO_KEYS = ("AP", "AP50", "AP75")
+# coco_ap's keys → the metrics' ("@" is not a character MLflow takes in a metric's name)
+COCO_KEYS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP@100": "AP_maxdets100"}
 
 
 @dataclass
@@ -64,10 +67,10 @@ def evaluate_predictor(
         elapsed += time.perf_counter() - began
         for image_id, instances in zip(ids, found):
             truth, cell_type = store.labels(image_id), store.cell_type(image_id)  # the truth, for scoring only
-            score.add(truth, instances.labels, group=cell_type)
+            matched = score.add(truth, instances.labels, group=cell_type).tp[0]  # true cells found at IoU > 0.5
             for group in ("all", cell_type):
                 pixels[group] = pixels.get(group, 0) + np.array(pixel_counts(instances.labels > 0, truth > 0))
-                counts[group] = counts.get(group, 0) + np.array([_n_instances(truth), len(instances)])
+                counts[group] = counts.get(group, 0) + np.array([_n_instances(truth), len(instances), matched])
                 images_typed[group] = images_typed.get(group, 0) + np.array([instances.image_type == cell_type, 1])
             typed += (np.count_nonzero(instances.classes == category_id(cell_type)), len(instances))
             results += coco_results(instances, coco_id[image_id])
@@ -95,14 +98,16 @@ def _summarize(
         suffix = "" if group == "all" else f"/{group}"
         metrics[f"map{suffix}"] = competition[f"score{suffix}"]
         metrics[f"iou{suffix}"], metrics[f"dice{suffix}"] = iou_dice(*map(int, pixels[group]))
-        metrics[f"n_true{suffix}"], metrics[f"n_pred{suffix}"] = (float(c) for c in counts[group])
+        n_true, n_pred, matched = (float(c) for c in counts[group])
+        metrics[f"n_true{suffix}"], metrics[f"n_pred{suffix}"] = n_true, n_pred
+        metrics[f"recall50{suffix}"] = matched / n_true if n_true else float("nan")
         gt = coco_gt if group == "all" else _coco_subset(coco_gt, group)
         keep = {image["id"] for image in gt["images"]}
         subset = [r for r in results if r["image_id"] in keep]
         for iou_type in ("segm", "bbox"):
             ap = coco_ap(gt, subset, iou_type=iou_type)
-            for key in COCO_KEYS:
-                metrics[f"coco_{iou_type}_{key}{suffix}"] = ap[key]
+            for key, name in COCO_KEYS.items():
+                metrics[f"coco_{iou_type}_{name}{suffix}"] = ap[key]
     return metrics
 
 

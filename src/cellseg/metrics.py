@@ -248,9 +248,11 @@ class CompetitionScore:
 # ---------------------------------------------------------------------------------------------------
 # COCO AP
 
+MAX_DETS = 2000  # detections per image COCO AP counts, as LIVECell's evaluator (SH-SY5Y images hold ~800 cells)
 # (key, AP (True) or AR, IoU threshold or None for .50:.95, area range, maxDets index into [1, 100, max_dets])
 _COCO_SUMMARY = (
     ("AP", True, None, "all", 2),
+    ("AP@100", True, None, "all", 1),
     ("AP50", True, 0.5, "all", 2),
     ("AP75", True, 0.75, "all", 2),
     ("AP_small", True, None, "small", 2),
@@ -294,15 +296,15 @@ def coco_ap(
     gt: dict[str, Any],
     results: list[dict[str, Any]],
     iou_type: str = "segm",
-    max_dets: int = 1000,
+    max_dets: int = MAX_DETS,
     class_agnostic: bool = False,
 ) -> dict[str, float]:
     """COCO AP/AR of ``results`` (COCO result dicts) against ``gt`` (a COCO instances dict), in memory.
 
     ``params.maxDets`` is ``[1, 100, max_dets]`` so that images with ~1000 cells count in full. Keys:
     ``AP`` (IoU .50:.95), ``AP50``, ``AP75``, ``AP_small``/``AP_medium``/``AP_large`` and ``AR``,
-    ``AR_small``/``AR_medium``/``AR_large``, all at ``max_dets`` detections per image, plus ``AR@1``
-    and ``AR@100``. The values are computed from ``COCOeval.eval`` rather than ``summarize()``, whose
+    ``AR_small``/``AR_medium``/``AR_large``, all at ``max_dets`` detections per image, plus ``AP@100``
+    (COCO's default limit, as papers report it), ``AR@1`` and ``AR@100``. The values are computed from ``COCOeval.eval`` rather than ``summarize()``, whose
     first entry (AP) ignores ``maxDets`` and always uses 100. A value that COCO leaves undefined (no
     ground truth in that area range) is NaN. Empty ``results`` score 0 wherever ground truth exists.
     ``class_agnostic`` puts every annotation and result in one category (for a model without classes).

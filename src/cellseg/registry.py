@@ -40,7 +40,7 @@ MODELS: dict[str, ModelEntry] = {
             "unet", "U-Net (EfficientNet-B0)", UNetParams, UNetPostprocess, unet.architecture, unet.UNetPredictor,
         ),
         ModelEntry(
-            "maskrcnn", "Mask R-CNN (R50-FPN v2)", MaskRCNNParams, MaskRCNNPostprocess, maskrcnn.architecture,
+            "maskrcnn", "Mask R-CNN", MaskRCNNParams, MaskRCNNPostprocess, maskrcnn.architecture,
             maskrcnn.MaskRCNNPredictor,
         ),
     )

@@ -12,12 +12,14 @@ import pandas as pd
 from cellseg.data import ImageStore
 from cellseg.evaluate import ModelEvaluation
 from cellseg.io import atomic_path
+from cellseg.metrics import MAX_DETS
 from cellseg.registry import MODELS
 from cellseg.plots import bars_by_cell_type, compare_curves, overlay, score_vs_threshold
 from cellseg.celltypes import CELL_TYPES
 
 COLUMNS = (
-    ("n_pred", "cells found"),
+    ("n_pred", "cells predicted"),
+    ("recall50", "true cells found (IoU 0.5)"),
     ("map", "mAP@.5:.95 (competition)"),
     ("coco_segm_AP", "COCO mask AP"),
     ("iou", "pixel IoU"),
@@ -117,8 +119,9 @@ def write_report(
         "# Model comparison",
         "",
         f"Validation split: {len(image_ids)} whole images. mAP is the competition metric (mean over IoU thresholds "
-        "0.50:0.95 of TP/(TP+FP+FN), averaged over images); COCO mask AP comes from pycocotools (up to 1000 "
-        "detections per image, per class with each model's predicted classes); IoU and Dice are of the "
+        "0.50:0.95 of TP/(TP+FP+FN), averaged over images); a true cell is found when a predicted one overlaps it "
+        f"at IoU > 0.5; COCO mask AP comes from pycocotools (up to {MAX_DETS:,} detections per image, as "
+        "LIVECell's evaluator, per class with each model's predicted classes); IoU and Dice are of the "
         "foreground pixels. The models see the images only: every cell type they use (per-type post-processing "
         "included) is their own prediction.",
         "",

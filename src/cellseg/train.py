@@ -343,14 +343,15 @@ def _save(state: TrainingState, task: Task, run: TrainingRun, improved: bool) ->
 
 
 def _train_loader(train_set: Dataset, config: TrainParams, collate_fn: Callable | None, cuda: bool) -> DataLoader:
-    """This rank's batches of its shard of ``samples_per_epoch`` (default: all) random samples per epoch.
+    """This rank's batches of its shard of ``samples_per_epoch`` (default: all; more than the data set: whole
+    passes, then part of one) random samples per epoch.
 
     The samples and their order come from the loader's generator, which :func:`fit` seeds alike on every rank
     for each epoch; it also gives the workers' seeds (the DataLoader draws them from it first), so that the
     ranks' workers draw alike augmentations, for different samples.
     """
     generator = torch.Generator()
-    drawn = min(config.samples_per_epoch or len(train_set), len(train_set))
+    drawn = config.samples_per_epoch or len(train_set)
     sampler = distributed.ShardSampler(len(train_set), drawn, generator, distributed.rank(), distributed.world_size())
     return DataLoader(
         train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate_fn,

@@ -1,10 +1,13 @@
-"""Mask R-CNN (torchvision R50-FPN v2) sized for cells: build, data, training task, instances and predictor.
+"""Mask R-CNN (torchvision) sized for cells: build, data, training task, instances and predictor.
 
-``weights`` (``maskrcnn.weights``): ``"none"`` → random init; ``"coco"`` → torchvision's COCO download with
-new 4-class box/mask predictors (and new RPN logits when the anchors per location differ); any other string →
-a local ``torch.save`` file holding a full Mask R-CNN state dict, or a dict with a ``"model_state"`` (a cellseg
-checkpoint), ``"state_dict"`` or ``"model"`` entry holding one. Predictor tensors of another shape in such a
-file (e.g. a COCO 91-class file) stay randomly initialised; every other key must fit.
+``backbone`` (``maskrcnn.backbone``): ResNet-18/34/50 FPN (torchvision's v1 design), ResNet-50 FPN v2, or
+MobileNetV3-Large FPN. ``weights`` (``maskrcnn.weights``): ``"none"`` → random init; ``"imagenet"`` → the
+backbone's ImageNet weights (torchvision's download), the rest random; ``"coco"`` → torchvision's COCO Mask
+R-CNN download (ResNet-50 FPN and FPN v2 only) with new 4-class box/mask predictors (and new RPN logits when
+the anchors per location differ); any other string → a local ``torch.save`` file holding a full Mask R-CNN
+state dict of that backbone, or a dict with a ``"model_state"`` (a cellseg checkpoint), ``"state_dict"`` or
+``"model"`` entry holding one. Predictor tensors of another shape in such a file (e.g. a COCO 91-class file)
+stay randomly initialised; every other key must fit.
 
 Category ids are those of :mod:`cellseg.celltypes`; 0 is background.
 """
@@ -14,20 +17,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, maskrcnn_resnet50_fpn_v2
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
+from torchvision.models.detection import (
+    MaskRCNN,
+    MaskRCNN_ResNet50_FPN_V2_Weights,
+    MaskRCNN_ResNet50_FPN_Weights,
+    maskrcnn_resnet50_fpn_v2,
+)
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor as MaskHead
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d
 
 from cellseg.celltypes import CELL_TYPES, by_category, category_id
 from cellseg.checkpoint import read_weights
@@ -46,10 +55,54 @@ MASK_SIZE = 28  # side of the mask head's output (RoIAlign 14 × upsampling 2) t
 BASE_SIZE = (520, 704)  # (height, width) of the competition images: the model's size at image_scale 1
 # Heads whose tensors depend on the class count or the anchors per location: a file may differ there.
 HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
+# ``maskrcnn.backbone`` → its ImageNet weights (``maskrcnn.weights: imagenet``), and where torchvision has them,
+# the whole Mask R-CNN's COCO weights (``coco``).
+BACKBONE_WEIGHTS = {
+    "resnet50_fpn_v2": ResNet50_Weights.IMAGENET1K_V1,
+    "resnet50_fpn": ResNet50_Weights.IMAGENET1K_V1,
+    "resnet34_fpn": ResNet34_Weights.IMAGENET1K_V1,
+    "resnet18_fpn": ResNet18_Weights.IMAGENET1K_V1,
+    "mobilenet_v3_large_fpn": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+}
+COCO_WEIGHTS = {
+    "resnet50_fpn_v2": MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+    "resnet50_fpn": MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+}
+T = TypeVar("T")
 
 
 def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
-    """Mask R-CNN R50-FPN v2 with the anchors, sizes and limits of ``params`` (weights: see the module docstring)."""
+    """The Mask R-CNN of ``params``: its backbone, anchors, sizes and limits, and its weights (see the module
+    docstring); a download that fails raises :class:`ResourceError`."""
+    if params.weights == "coco" and params.backbone not in COCO_WEIGHTS:
+        raise ParamsError(
+            f"{PARAM}: torchvision has no COCO Mask R-CNN with backbone {params.backbone!r} (only "
+            f"{', '.join(COCO_WEIGHTS)}); use imagenet (its backbone's ImageNet weights), none or a local file"
+        )
+    if params.weights == "imagenet":
+        model = _download(lambda: _network(params, num_classes, imagenet=True), "ImageNet backbone weights")
+    else:
+        model = _network(params, num_classes, imagenet=False)
+    if params.weights == "coco":
+        state = _download(lambda: COCO_WEIGHTS[params.backbone].get_state_dict(progress=True), "COCO Mask R-CNN weights")
+        _load_fitting(model, state, "torchvision's COCO weights", params.backbone)
+    elif params.weights not in ("none", "imagenet"):
+        state = read_weights(Path(params.weights), PARAM, "'none', 'coco', 'imagenet'")
+        _load_fitting(model, state, params.weights, params.backbone)
+    return model
+
+
+def architecture(params: MaskRCNNParams) -> nn.Module:
+    """The Mask R-CNN ``params`` describe, without downloading anything: a checkpoint's weights go in it."""
+    return _network(params, 4, imagenet=False)
+
+
+def _network(params: MaskRCNNParams, num_classes: int, imagenet: bool) -> nn.Module:
+    """The network of ``params``, randomly initialised but for the backbone's ImageNet weights with ``imagenet``.
+
+    As torchvision's builders do, a backbone meant for pretrained weights (``maskrcnn.weights`` coco or imagenet)
+    has frozen BatchNorm and its first layers frozen; ResNet-50 FPN v2 keeps trainable BatchNorm throughout.
+    """
     options: dict[str, Any] = {
         "min_size": round(BASE_SIZE[0] * params.image_scale),
         "max_size": round(BASE_SIZE[1] * params.image_scale),
@@ -62,38 +115,49 @@ def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
         "rpn_post_nms_top_n_train": params.rpn_post_nms_top_n,
         "rpn_post_nms_top_n_test": params.rpn_post_nms_top_n,
     }
-    if params.weights == "coco":
-        try:
-            model = maskrcnn_resnet50_fpn_v2(weights=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, **options)
-        except OSError as exc:  # URLError and other download failures
-            raise ResourceError(
-                f"COCO Mask R-CNN weights could not be downloaded ({type(exc).__name__}: {exc}); check the network, "
-                f"or set {PARAM}: none (random init) or the path of a local weights file"
-            ) from exc
-        box_in = model.roi_heads.box_predictor.cls_score.in_features
-        mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
-        model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
-        model.roi_heads.mask_predictor = MaskHead(mask_in, mask_in, num_classes)
-        _set_anchors(model, params)
-        return model
-    model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes, **options)
+    pretrained = params.weights in ("coco", "imagenet")
+    backbone_weights = BACKBONE_WEIGHTS[params.backbone] if imagenet else None
+    if params.backbone == "resnet50_fpn_v2":
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=backbone_weights, num_classes=num_classes, **options)
+        if pretrained:  # as torchvision's builder given weights: the stem and layer1 stay as pretrained
+            for name, parameter in model.backbone.body.named_parameters():
+                parameter.requires_grad_(name.startswith(("layer2.", "layer3.", "layer4.")))
+    else:
+        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+        if params.backbone == "mobilenet_v3_large_fpn":
+            backbone = mobilenet_backbone(
+                backbone_name="mobilenet_v3_large", weights=backbone_weights, fpn=True, norm_layer=norm_layer,
+                trainable_layers=3 if pretrained else 6,
+            )
+        else:
+            backbone = resnet_fpn_backbone(
+                backbone_name=params.backbone.removesuffix("_fpn"), weights=backbone_weights, norm_layer=norm_layer,
+                trainable_layers=3 if pretrained else 5,
+            )
+        model = MaskRCNN(backbone, num_classes=num_classes, **options)
     _set_anchors(model, params)
-    if params.weights != "none":
-        _load_local(model, Path(params.weights))
     return model
 
 
-def architecture(params: MaskRCNNParams) -> nn.Module:
-    """The Mask R-CNN ``params`` describe, without pretrained weights: a checkpoint's weights go in it."""
-    return build_maskrcnn(params.model_copy(update={"weights": "none"}))
+def _download(get: Callable[[], T], what: str) -> T:
+    """``get()``, whose download failures (URLError and other OSErrors) raise :class:`ResourceError`."""
+    try:
+        return get()
+    except OSError as exc:
+        raise ResourceError(
+            f"{what} could not be downloaded ({type(exc).__name__}: {exc}); check the network, or set "
+            f"{PARAM}: none (random init) or the path of a local weights file"
+        ) from exc
 
 
 def _set_anchors(model: nn.Module, params: MaskRCNNParams) -> None:
-    """One anchor size per FPN level, every aspect ratio at each; new RPN logits if the anchors per location change."""
-    anchors = AnchorGenerator(
-        sizes=tuple((size,) for size in params.anchor_sizes),
-        aspect_ratios=(tuple(params.aspect_ratios),) * len(params.anchor_sizes),
-    )
+    """Anchors of every aspect ratio, one size per feature map where the backbone gives one map per size (the
+    ResNet FPNs: 5), else every size on each map (MobileNetV3 FPN: 3); new RPN logits when the anchors per
+    location change."""
+    levels = len(model.backbone.fpn.inner_blocks) + 1  # + the max-pooled level
+    sizes = params.anchor_sizes
+    per_level = tuple((size,) for size in sizes) if levels == len(sizes) else (tuple(sizes),) * levels
+    anchors = AnchorGenerator(sizes=per_level, aspect_ratios=(tuple(params.aspect_ratios),) * levels)
     model.rpn.anchor_generator = anchors
     per_location = anchors.num_anchors_per_location()[0]
     old = model.rpn.head
@@ -103,26 +167,25 @@ def _set_anchors(model: nn.Module, params: MaskRCNNParams) -> None:
         model.rpn.head = head
 
 
-def _load_local(model: nn.Module, path: Path) -> None:
-    """Load a local state dict into ``model``; only predictor tensors may differ in shape (they stay random)."""
-    state = read_weights(path, PARAM, "'none', 'coco'")
+def _load_fitting(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, backbone: str) -> None:
+    """Load a Mask R-CNN state dict into ``model``: only predictor tensors (:data:`HEADS`) may differ in shape
+    (they stay random), and BatchNorm's ``num_batches_tracked`` may be missing (a frozen-BatchNorm file)."""
     own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith(".num_batches_tracked"))
+    unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise ParamsError(
-            f"{PARAM}: {path} does not fit Mask R-CNN R50-FPN v2: {len(missing)} missing keys {missing[:3]}, "
+            f"{PARAM}: {source} does not fit Mask R-CNN {backbone}: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}"
         )
     reshaped = [k for k, v in state.items() if v.shape != own[k].shape]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped if not k.startswith(HEADS)]
     if wrong:
-        raise ParamsError(
-            f"{PARAM}: {path} does not fit Mask R-CNN R50-FPN v2: {len(wrong)} shape mismatches {wrong[:3]}"
-        )
+        raise ParamsError(f"{PARAM}: {source} does not fit Mask R-CNN {backbone}: {len(wrong)} shape mismatches {wrong[:3]}")
     if reshaped:
-        log.info("%s: %d predictor tensors of another shape stay randomly initialised: %s", path, len(reshaped),
+        log.info("%s: %d predictor tensors of another shape stay randomly initialised: %s", source, len(reshaped),
                  reshaped)
-    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=not reshaped)
+    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------
