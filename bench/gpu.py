@@ -17,6 +17,11 @@ from cellseg.models.unet import build_unet
 
 SCHEDULE = 15 * 75_000  # the seed's U-Net schedule: 15 epochs of one 256-px window per cell
 
+# The GPU recipe's Mask R-CNN (README, *The full recipe*), beside the CPU default's params.yaml section.
+MASKRCNN_RECIPE = {
+    "backbone": "resnet50_fpn_v2", "box_batch_size_per_image": 512, "rpn_pre_nms_top_n": 6000, "rpn_post_nms_top_n": 3000,
+}
+
 
 def _throughput(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
     """``(seconds per step, peak MiB allocated)`` over ``steps`` calls after ``warmup`` untimed ones."""
@@ -97,9 +102,7 @@ def maskrcnn(device: torch.device, samples: Sequence[tuple[torch.Tensor, dict]],
     """Mask R-CNN training (AMP, AdamW) and inference images/s on ``InstanceDataset`` items, batch 2; the GPU
     recipe's model (README: R50-FPN v2, 512 RoIs, 6000/3000 proposals; random init) at ``scale``, inferring with
     params.yaml's score floor (as its predictor does)."""
-    recipe = {"backbone": "resnet50_fpn_v2", "box_batch_size_per_image": 512, "rpn_pre_nms_top_n": 6000,
-              "rpn_post_nms_top_n": 3000}
-    model = build_maskrcnn(project_section("maskrcnn", image_scale=scale, **recipe)).to(device)
+    model = build_maskrcnn(project_section("maskrcnn", image_scale=scale, **MASKRCNN_RECIPE)).to(device)
     score_floor(model, project_section("postprocess").maskrcnn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     scaler = torch.amp.GradScaler("cuda")

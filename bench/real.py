@@ -48,6 +48,7 @@ from cellseg.evaluate import evaluate_predictor  # noqa: E402
 from cellseg.inference import load_predictor  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
 from cellseg.devices import pick_device  # noqa: E402
+from gpu import MASKRCNN_RECIPE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
@@ -70,10 +71,7 @@ GPU_RECIPE = {
     "train.unet.samples_per_epoch": None,
     "train.unet.batch_size": 64,
     "train.unet.workers": max(2, min(12, (os.cpu_count() or 4) - 2)),
-    "maskrcnn.backbone": "resnet50_fpn_v2",
-    "maskrcnn.box_batch_size_per_image": 512,
-    "maskrcnn.rpn_pre_nms_top_n": 6000,
-    "maskrcnn.rpn_post_nms_top_n": 3000,
+    **{f"maskrcnn.{key}": value for key, value in MASKRCNN_RECIPE.items()},
     "maskrcnn.image_scale": 2.0,
     "train.maskrcnn.epochs": 30,
     "train.maskrcnn.samples_per_epoch": None,
