@@ -68,9 +68,11 @@ def evaluate_predictor(
         for image_id, instances in zip(ids, found):
             truth, cell_type = store.labels(image_id), store.cell_type(image_id)  # the truth, for scoring only
             matched = score.add(truth, instances.labels, group=cell_type).tp[0]  # true cells found at IoU > 0.5
+            image_pixels = np.array(pixel_counts(instances.labels > 0, truth > 0))  # once per image, for both groups
+            image_counts = np.array([_n_instances(truth), len(instances), matched])
             for group in ("all", cell_type):
-                pixels[group] = pixels.get(group, 0) + np.array(pixel_counts(instances.labels > 0, truth > 0))
-                counts[group] = counts.get(group, 0) + np.array([_n_instances(truth), len(instances), matched])
+                pixels[group] = pixels.get(group, 0) + image_pixels
+                counts[group] = counts.get(group, 0) + image_counts
                 images_typed[group] = images_typed.get(group, 0) + np.array([instances.image_type == cell_type, 1])
             typed += (np.count_nonzero(instances.classes == category_id(cell_type)), len(instances))
             results += coco_results(instances, coco_id[image_id])
