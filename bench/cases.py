@@ -25,6 +25,7 @@ from cellseg.data import ImageStore, PatchDataset
 from cellseg.decode import LABELS_DIR
 from cellseg.io import read_labels
 from cellseg.metrics import image_score
+from cellseg.models.unet_targets import BoundaryTarget
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"  # the one source of defaults
@@ -217,7 +218,7 @@ def patch_dataset(data_root: Path, decoded: Path, patches: Path, max_images: int
     ids = list(dict.fromkeys(index["image_id"]))[:max_images]
     index = index[index["image_id"].isin(ids)]
     unet = project_section("unet")
-    store = ImageStore(data_root, decoded, ids, unet.boundary_width)
+    store = ImageStore(data_root, decoded, ids, BoundaryTarget(unet, project_section("postprocess").unet).pixel_targets)
     return PatchDataset(index, store, build_augmentations(unet.augment, seed=0), unet.mean, unet.std, unet.channels)
 
 

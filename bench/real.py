@@ -1,21 +1,26 @@
 """Real-data quality benchmark: train both models on real Sartorius images, score them on real validation images.
 
     python bench/real.py [--data ../shared/sartorius] [--work DIR] [--out bench/real_results.json]
-                         [--plot docs/real_map_vs_cpu_minutes.png] [--quick]
+                         [--plot docs/real_map_vs_cpu_minutes.png] [--quick] [--models unet maskrcnn]
+                         [--set unet.target=flows ...] [--tta] [--no-synthetic]
 
 It runs the project's own stage scripts (no DVC, tracking off) on a copy of ``params.yaml`` with the budget
 below, then scores the checkpoints with the library's evaluation (:func:`cellseg.evaluate.evaluate_predictor`,
 as the ``evaluate`` stage does), in three parts:
 
-1. **real**: decode → split → patches → coco → train_unet (→ train_maskrcnn), on the real images at ``--data``
-   (a Kaggle-format directory, read as it is), scored on its real validation fold;
+1. **real**: decode → split → patches → coco → flows → train_unet / train_maskrcnn, on the real images at
+   ``--data`` (a Kaggle-format directory, read as it is), scored on its real validation fold (with ``--tta``,
+   the U-Net a second time with test-time augmentation: ``unet+tta``);
 2. **synthetic**: the default synthetic pipeline (``params.yaml`` unchanged) up to the trained models;
 3. **transfer**: those synthetic-only models scored on the same real validation images (the transfer gap).
+   ``--no-synthetic`` skips 2 and 3.
 
 On the CPU the budget is :data:`CPU_BUDGET` (≤ 20 minutes of U-Net training on 2 cores); where CUDA is
-present, the GPU recipe of the README (:data:`GPU_RECIPE`). Mask R-CNN takes part with ``--maskrcnn`` (the
-default where CUDA is present), within the U-Net's budget: 4 × 256 images (the CPU default's ResNet-18 FPN
-takes ≈ 1.1 s an image on 2 cores, ``docs/benchmarks.md``; real images hold more cells than synthetic ones). It prints a Markdown table (per model and
+present, the GPU recipe of the README (:data:`GPU_RECIPE`). ``--set key=value`` changes params of the real
+run (e.g. ``unet.target=flows``) on top of the budget. ``--models`` chooses the models (default: the U-Net;
+both where CUDA is present); Mask R-CNN trains within the U-Net's budget: 4 × 256 images (the CPU default's
+ResNet-18 FPN takes ≈ 1.1 s an image on 2 cores, ``docs/benchmarks.md``; real images hold more cells than
+synthetic ones). It prints a Markdown table (per model and
 cell type: competition mAP, COCO mask AP, Dice, cells found against truth, image-level type accuracy,
 images/s), writes every figure as JSON (``--out``) and plots the U-Net's validation mAP against the minutes of
 training (``--plot``; one point per epoch, from its ``epochs.csv``).
@@ -102,6 +107,14 @@ def write_params(path: Path, settings: dict) -> Path:
     return path
 
 
+def parse_change(text: str) -> tuple[str, object]:
+    """``key=value`` (a dotted params key, a YAML value) → ``(key, value)``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {text!r}: expected KEY=VALUE, e.g. unet.target=flows")
+    return key, yaml.safe_load(value)
+
+
 def run_stage(name: str, params: Path, logs: Path, **paths: Path) -> float:
     """Run ``stages/<name>.py`` with ``--params`` and the path options; returns its wall seconds."""
     command = [sys.executable, str(STAGES / f"{name}.py"), "--params", str(params)]
@@ -131,10 +144,13 @@ def pipeline(work: Path, params: Path, logs: Path, models: tuple[str, ...], *, s
         "patches", params, logs, decoded=work / "decoded", split=work / "split.json", out=work / "patches.parquet"
     )
     seconds["coco"] = run_stage("coco", params, logs, decoded=work / "decoded", split=work / "split.json", out=work / "coco")
-    seconds["train_unet"] = run_stage(
-        "train_unet", params, logs, decoded=work / "decoded", split=work / "split.json",
-        patches=work / "patches.parquet", models=work / "models/unet", metrics=work / "metrics/unet",
-    )
+    if "unet" in models:
+        seconds["flows"] = run_stage("flows", params, logs, decoded=work / "decoded", out=work / "flows")
+        seconds["train_unet"] = run_stage(
+            "train_unet", params, logs, decoded=work / "decoded", split=work / "split.json",
+            patches=work / "patches.parquet", flows=work / "flows", models=work / "models/unet",
+            metrics=work / "metrics/unet",
+        )
     if "maskrcnn" in models:
         seconds["train_maskrcnn"] = run_stage(
             "train_maskrcnn", params, logs, decoded=work / "decoded", split=work / "split.json",
@@ -143,9 +159,10 @@ def pipeline(work: Path, params: Path, logs: Path, models: tuple[str, ...], *, s
     return seconds
 
 
-def evaluate(params: Path, data: Path, models: Path, names: tuple[str, ...]) -> dict[str, dict]:
+def evaluate(params: Path, data: Path, models: Path, names: tuple[str, ...], tta: bool = False) -> dict[str, dict]:
     """Each model's checkpoint under ``models`` scored on the validation fold of ``data`` (a real pipeline's
-    work dir), with the post-processing of ``params``, as the ``evaluate`` stage does."""
+    work dir), with the post-processing of ``params``, as the ``evaluate`` stage does; with ``tta``, the U-Net
+    a second time with test-time augmentation (``unet+tta``)."""
     raw = config.read_params(params)
     val = json.loads((data / "split.json").read_text())["val"]
     store = ImageStore(Path(config.section(raw, "data").root), data / "decoded", val)
@@ -153,11 +170,12 @@ def evaluate(params: Path, data: Path, models: Path, names: tuple[str, ...]) -> 
     device = pick_device("auto")
     post = config.section(raw, "postprocess")
     results = {}
-    for name in names:
-        print(f"  evaluate {name} ...", end=" ", flush=True)
+    runs = [(name, name, False) for name in names] + ([("unet+tta", "unet", True)] if tta and "unet" in names else [])
+    for key, name, augmented in runs:
+        print(f"  evaluate {key} ...", end=" ", flush=True)
         began = time.perf_counter()
-        predictor = load_predictor(models / name / "best.pt", device, getattr(post, name))
-        results[name] = evaluate_predictor(predictor, store, val, coco_gt).metrics
+        predictor = load_predictor(models / name / "best.pt", device, getattr(post, name), tta=augmented)
+        results[key] = evaluate_predictor(predictor, store, val, coco_gt).metrics
         print(f"{time.perf_counter() - began:.0f} s", flush=True)
     return results
 
@@ -222,18 +240,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "real_results.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "real_map_vs_cpu_minutes.png")
     parser.add_argument("--quick", action="store_true", help="a smoke run of the whole chain (minutes)")
-    parser.add_argument("--maskrcnn", action=argparse.BooleanOptionalAction, default=None,
-                        help="train and score Mask R-CNN too (default: where CUDA is present)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                        help="the models to train and score (default: unet; both where CUDA is present)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params change of the real run (dotted key, YAML value), e.g. unet.target=flows")
+    parser.add_argument("--tta", action="store_true", help="score the U-Net with test-time augmentation too")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-only models (the transfer gap)")
     args = parser.parse_args()
     if not (args.data / "train.csv").is_file():
         raise SystemExit(f"{args.data}: no train.csv (pass --data, a Kaggle-format directory)")
     cuda = torch.cuda.is_available()
     budget = QUICK if args.quick else GPU_RECIPE if cuda else CPU_BUDGET
-    models = MODELS if (cuda if args.maskrcnn is None else args.maskrcnn) else ("unet",)
+    models = tuple(args.models or (MODELS if cuda else ("unet",)))
+    changes = dict(parse_change(text) for text in args.set)
     work = args.work or Path(tempfile.mkdtemp(prefix="cellseg-real-"))
     logs = work / "logs"
     began = time.perf_counter()
-    real_params = write_params(work / "real.yaml", {"data.source": "kaggle", "data.root": str(args.data.resolve()), **budget})
+    real_params = write_params(
+        work / "real.yaml", {"data.source": "kaggle", "data.root": str(args.data.resolve()), **budget, **changes}
+    )
     synth_settings = {"data.root": str(work / "synthetic/raw")}
     if args.quick:
         synth_settings.update({k: v for k, v in QUICK.items() if k != "data.limit_images"})
@@ -241,27 +266,28 @@ def main() -> None:
 
     print(f"real data {args.data} → {work / 'real'} (budget: {budget})", flush=True)
     real_seconds = pipeline(work / "real", real_params, logs, models, synthesize=False)
-    real = evaluate(real_params, work / "real", work / "real/models", models)
-    print("synthetic default (params.yaml) → synthetic-only models", flush=True)
-    synth_seconds = pipeline(work / "synthetic", synth_params, logs, models, synthesize=True)
-    print("synthetic-only models on the real validation images", flush=True)
-    transfer = evaluate(real_params, work / "real", work / "synthetic/models", models)
-
-    results = {"real training folds": real, "synthetic only (default)": transfer}
-    curve = plot_curve(work / "real/metrics/unet", args.plot, "U-Net on real images: mAP per minute of training")
+    real = evaluate(real_params, work / "real", work / "real/models", models, args.tta)
+    results, synth_seconds, runs = {"real training folds": real}, {}, {"real": work / "real/metrics"}
+    if not args.no_synthetic:
+        print("synthetic default (params.yaml) → synthetic-only models", flush=True)
+        synth_seconds = pipeline(work / "synthetic", synth_params, logs, models, synthesize=True)
+        print("synthetic-only models on the real validation images", flush=True)
+        results["synthetic only (default)"] = evaluate(real_params, work / "real", work / "synthetic/models", models)
+        runs["synthetic"] = work / "synthetic/metrics"
+    curve = []
+    if "unet" in models:
+        curve = plot_curve(work / "real/metrics/unet", args.plot, "U-Net on real images: mAP per minute of training")
     split = json.loads((work / "real/split.json").read_text())
     record = {
         "command": " ".join(["python bench/real.py", *sys.argv[1:]]),
         "models": list(models),
+        "changes": changes,
         "machine": {"nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                     "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__},
         "data": str(args.data), "split_counts": split["counts"],
         "budget": budget,
         "stage_seconds": {"real": real_seconds, "synthetic": synth_seconds},
-        "training": {
-            "real": {m: training_summary(work / "real/metrics" / m) for m in models},
-            "synthetic": {m: training_summary(work / "synthetic/metrics" / m) for m in models},
-        },
+        "training": {run: {m: training_summary(metrics / m) for m in models} for run, metrics in runs.items()},
         "results": results,
         "unet_curve": curve,
         "wall_minutes": (time.perf_counter() - began) / 60,
@@ -274,7 +300,7 @@ def main() -> None:
         for model, s in summary.items():
             print(f"{run} {model}: {s['epochs']} epochs, {s['train_minutes']:.1f} min training "
                   f"({s['total_minutes']:.1f} min with validation), {s['samples_per_s']:.1f} samples/s")
-    print(f"\nwrote {args.out} and {args.plot}; work dir {work} ({record['wall_minutes']:.1f} min)")
+    print(f"\nwrote {args.out}{f' and {args.plot}' if curve else ''}; work dir {work} ({record['wall_minutes']:.1f} min)")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

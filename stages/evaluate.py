@@ -44,6 +44,7 @@ def main() -> None:
     coco_gt = json.loads(args.coco.read_text())
     train = config.section(raw, "train", path=args.params)
     post = config.section(raw, "postprocess", path=args.params)  # today's, not those stored at training
+    tta = config.section(raw, "evaluate", path=args.params).tta
 
     evaluations, checkpoints, histories = [], {}, {}
     for path, history in zip(args.checkpoints, args.histories):
@@ -53,7 +54,7 @@ def main() -> None:
             raise ParamsError(f"--checkpoints: two checkpoints of model {name!r}")
         checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
         device = pick_device(getattr(train, name).device)  # each model on its own train.<model>.device
-        model = predictor(checkpoint, path, device, getattr(post, name))
+        model = predictor(checkpoint, path, device, getattr(post, name), tta=name in tta)
         evaluations.append(evaluate_predictor(model, store, val, coco_gt))
     write_json(args.metrics, {e.name: e.metrics for e in evaluations})
     plots = write_plots(evaluations, store, val, histories, args.plots)

@@ -11,6 +11,7 @@ from cellseg import config
 from cellseg.augment import build_augmentations
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
 from cellseg.models.unet import UNetTask, build_unet
+from cellseg.models.unet_targets import unet_target
 from cellseg.outputs import Kind
 from cellseg.stage import In, Out, guarded, stage_args
 from cellseg.train import seed_everything, train_tracked, training_run
@@ -22,6 +23,7 @@ def main() -> None:
         decoded=In("the decode stage's output directory"),
         split=In("the split JSON"),
         patches=In("the patch index"),
+        flows=In("the flows stage's folder (read with unet.target: flows)"),
         models=Out(Kind.FOLDER, "directory of the model's checkpoints (best.pt, last.pt)"),
         metrics=Out(Kind.FOLDER, "directory of the training's metrics files"),
     )
@@ -35,7 +37,8 @@ def main() -> None:
         stored={"model_params": unet.model_dump(), "postprocess": post.model_dump()},
     )
 
-    store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], unet.boundary_width)
+    targets = unet_target(unet, post, args.flows).pixel_targets
+    store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], targets)
     train_set = PatchDataset(
         pd.read_parquet(args.patches), store, build_augmentations(unet.augment, seed=train.seed),
         unet.mean, unet.std, unet.channels,

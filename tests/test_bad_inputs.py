@@ -13,7 +13,7 @@ in a temporary working directory and asserts:
   good output (for the cases marked ``prior``, made by running the same stage on good data first) is
   unchanged, and no stray ``.*.tmp`` / ``.*.old`` entry is left beside it.
 
-119 kinds:
+122 kinds:
 
 * RLE, decode stage (9): non-integer token, integer beyond 64 bits, odd token count, zero length,
   negative length, start below 1, runs out of order, overlapping runs, a run past the image end.
@@ -34,6 +34,8 @@ in a temporary working directory and asserts:
 * Params the library no longer re-checks, refused by the stage that reads them (6): ``patches.per_cell: 0``,
   ``patches.background_fraction: .nan`` (patches); ``synth.seed: -1`` (synthesize); ``unet.augment`` a
   string, ``unet.boundary_width: 0``, ``unet.channels: 2`` (train_unet).
+* The U-Net's flow target (3): an unknown ``unet.target`` (flows), an augmentation that bends the vectors,
+  flows the flows stage did not compute (train_unet).
 * Per-cell-type params (2): ``postprocess.unet.min_size`` naming an unknown cell type (train_unet),
   ``postprocess.maskrcnn.score_threshold`` covering not every cell type and without ``default`` (train_maskrcnn).
 * Checkpoints (11): ``cellseg predict --model`` with a foreign torch file, a truncated cellseg checkpoint,
@@ -107,6 +109,17 @@ def _nested(params: dict, dotted: str, value: object) -> None:
 
 def param(dotted: str, value: object) -> Callable[[World], None]:
     return lambda w: _nested(w.params, dotted, value)
+
+
+def _flows_with(*change: object) -> Callable[[World], None]:
+    """The U-Net's target is ``flows`` (its flows folder is the boundary target's, empty), plus ``change``."""
+
+    def apply(w: World) -> None:
+        _nested(w.params, "unet.target", "flows")
+        if change:
+            _nested(w.params, *change)
+
+    return apply
 
 
 def annotation(text: str) -> Callable[[World], None]:
@@ -441,6 +454,10 @@ CASES: list[Case] = [
     Case("augment-a-string", "train_unet", param("unet.augment", "hflip"), ("params.yaml", "unet.augment", "valid list", "(got 'hflip')")),
     Case("boundary-width-zero", "train_unet", param("unet.boundary_width", 0), ("params.yaml", "unet.boundary_width", "(got 0)")),
     Case("channels-two", "train_unet", param("unet.channels", 2), ("params.yaml", "unet.channels", "Input should be 1 or 3", "(got 2)")),
+    Case("target-unknown", "flows", param("unet.target", "cellpose"), ("params.yaml", "unet.target", "'boundary' or 'flows'", "(got 'cellpose')")),
+    Case("flows-with-affine-augmentation", "train_unet", _flows_with("unet.augment", ["hflip", "shift_scale_rotate"]),
+         ("params.yaml", "unet", "augment 'shift_scale_rotate' bends the flow target's vectors")),
+    Case("flows-not-computed", "train_unet", _flows_with(), ("flows/", ".npz: no flows for image", "rerun the flows stage")),
     # --- per-cell-type params (postprocess.*): cell types only, every one covered ---
     Case("min-size-unknown-cell-type", "train_unet", param("postprocess.unet.min_size", {"default": 20, "neuron": 5}),
          ("params.yaml", "postprocess.unet.min_size", "unknown cell type 'neuron'")),
@@ -456,8 +473,8 @@ CASES: list[Case] = [
     Case("train-resume-weights-do-not-fit", "train_unet", _resume_from_other_weights, ("models/unet/last.pt", "cannot resume", "do not fit")),
     Case("predict-checkpoint-bytes-flipped", "predict", _flipped_checkpoint, ("{work}/model.pt", "checkpoint is corrupt", "sha256")),
     Case("train-resume-last-bytes-flipped", "train_unet", _flipped_last, ("models/unet/last.pt", "checkpoint is corrupt")),
-    Case("predict-checkpoint-format-1", "predict", _version_1_checkpoint, ("{work}/model.pt", "format version 1; this cellseg reads 3")),
-    Case("predict-checkpoint-format-2", "predict", _version_2_checkpoint, ("{work}/model.pt", "format version 2; this cellseg reads 3")),
+    Case("predict-checkpoint-format-1", "predict", _version_1_checkpoint, ("{work}/model.pt", "format version 1; this cellseg reads 4")),
+    Case("predict-checkpoint-format-2", "predict", _version_2_checkpoint, ("{work}/model.pt", "format version 2; this cellseg reads 4")),
     # --- output paths: never an input, the working directory, or a folder cellseg did not write ---
     Case("predict-out-is-the-input", "predict", _predict_with("images", "--out", "images", "--overwrite"),
          ("images: an output may not be, contain or lie inside an input; it is the input images",)),
@@ -480,7 +497,7 @@ CASES: list[Case] = [
     Case("patches-out-is-the-params-file", "patches", _args("--decoded", "decoded", "--split", "split.json", "--out", "params.yaml"),
          ("params.yaml: an output may not be", "it is the input params.yaml")),
     Case("train-models-inside-an-input", "train_unet",
-         _args("--decoded", "decoded", "--split", "split.json", "--patches", "patches.parquet", "--models", "decoded/m", "--metrics", "m"),
+         _args("--decoded", "decoded", "--split", "split.json", "--patches", "patches.parquet", "--flows", "flows", "--models", "decoded/m", "--metrics", "m"),
          ("decoded/m:", "it lies inside the input decoded")),
     Case("evaluate-outputs-overlap", "evaluate", _report_in_plots, ("plots: two outputs overlap; it contains the output plots/compare.md",)),
     Case("split-out-under-a-file", "split",

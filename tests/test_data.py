@@ -29,7 +29,12 @@ from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
 
 MEAN, STD = 0.5, 0.25
-BOUNDARY_WIDTH = 1  # the U-Net's: a store given it holds U-Net targets too
+BOUNDARY_WIDTH = 1
+
+
+def boundary_targets(image_id: str, labels: np.ndarray) -> np.ndarray:
+    """The U-Net's boundary targets: a store given them holds them too."""
+    return targets_from_labels(labels, BOUNDARY_WIDTH)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pd.
 @pytest.fixture(scope="module")
 def store(synthetic: tuple[Path, Path, pd.DataFrame, pd.DataFrame]) -> ImageStore:
     data_root, decoded, images, _ = synthetic
-    return ImageStore(data_root, decoded, list(images["image_id"]), BOUNDARY_WIDTH)
+    return ImageStore(data_root, decoded, list(images["image_id"]), boundary_targets)
 
 
 def _write_store(root: Path, labels: np.ndarray, image: np.ndarray, image_id: str = "hand") -> ImageStore:
@@ -56,7 +61,7 @@ def _write_store(root: Path, labels: np.ndarray, image: np.ndarray, image_id: st
     write_png(root / "decoded" / LABELS_DIR / f"{image_id}.png", labels)
     table = pd.DataFrame({"image_id": [image_id], "file_name": [f"train/{image_id}.png"], "cell_type": ["astro"]})
     table.to_parquet(root / "decoded" / IMAGES_TABLE)
-    return ImageStore(root / "raw", root / "decoded", [image_id], BOUNDARY_WIDTH)
+    return ImageStore(root / "raw", root / "decoded", [image_id], boundary_targets)
 
 
 def _l_shape() -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +104,7 @@ def test_store_holds_images_labels_targets(store: ImageStore, synthetic: tuple) 
         store.image("nope")
 
 
-def test_store_without_boundary_width_holds_no_targets(store: ImageStore, synthetic: tuple) -> None:
+def test_store_without_pixel_targets_holds_none(store: ImageStore, synthetic: tuple) -> None:
     """Mask R-CNN's store: the same images and label images, no U-Net targets."""
     data_root, decoded, images, _ = synthetic
     image_id = images["image_id"][0]

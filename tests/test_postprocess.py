@@ -8,7 +8,7 @@ from skimage.segmentation import find_boundaries
 
 from cellseg import config
 from cellseg.errors import ParamsError
-from cellseg.models.unet import unet_instances
+from cellseg.models.unet_targets import BoundaryTarget
 from cellseg.postprocess import remove_overlaps, watershed_instances
 from helpers.project import project_params
 
@@ -76,10 +76,11 @@ def test_min_size_per_cell_type_with_default() -> None:
     """The U-Net's instances take the min_size of the (predicted) cell type, else the ``default`` one."""
     probs = small_and_large_blob()
     post = project_params("postprocess.unet", min_size={"shsy5y": 30, "astro": 150, "default": 400})
-    assert unet_instances(probs, "shsy5y", post).max() == 2
-    kept = unet_instances(probs, "astro", post)
+    target = BoundaryTarget(project_params("unet"), post)
+    assert target.instances(probs, "shsy5y").max() == 2
+    kept = target.instances(probs, "astro")
     assert kept.max() == 1 and kept[20, 20] == 1 and kept[45, 70] == 0
-    assert unet_instances(probs, "cort", post).max() == 0  # not named: the default
+    assert target.instances(probs, "cort").max() == 0  # not named: the default
 
 
 @pytest.mark.parametrize(

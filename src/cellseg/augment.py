@@ -67,9 +67,19 @@ AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
 }
 
 
+# The augmentations that move pixels, and those of them that are symmetries of the pixel grid (they move a flow
+# target's vectors exactly: :func:`cellseg.flows.turn_applied`).
+MOVES_PIXELS = ("hflip", "vflip", "rotate90", "transpose", "shift_scale_rotate")
+SYMMETRIC = ("hflip", "vflip", "rotate90", "transpose")
+
+
 def build_augmentations(names: Sequence[str], seed: int | None = None) -> A.Compose:
     """Compose the named augmentations (:data:`AUGMENTATIONS`, in the order given); no names: identity.
 
-    Geometric transforms move the mask with nearest interpolation, so that target classes stay exact.
+    Geometric transforms move the mask with nearest interpolation, so that target classes stay exact; the
+    output names the transforms applied (``applied_transforms``), which a flow target's vectors follow.
     """
-    return A.Compose([AUGMENTATIONS[n]() for n in names], mask_interpolation=cv2.INTER_NEAREST, seed=seed)
+    return A.Compose(
+        [AUGMENTATIONS[n]() for n in names], mask_interpolation=cv2.INTER_NEAREST, seed=seed,
+        save_applied_params=True,
+    )

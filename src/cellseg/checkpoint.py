@@ -17,7 +17,7 @@ from cellseg.errors import DataError, ParamsError
 from cellseg.io import atomic_path
 
 FORMAT = "cellseg-checkpoint"
-VERSION = 3  # 2: with the content hash; 3: post-processing params in their own entry
+VERSION = 4  # 2: with the content hash; 3: post-processing params in their own entry; 4: the U-Net's target
 HASH = "sha256"
 # What torch.load(weights_only=True) raises on a file that is not a (complete, safe) torch checkpoint.
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError)

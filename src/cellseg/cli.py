@@ -23,7 +23,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     predict_images(
         args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
-        device=pick_device(args.device),
+        device=pick_device(args.device), tta=args.tta,
     )
 
 
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_integer(1), default=4, help="images per forward pass")
     predict.add_argument(
         "--device", type=_device, default="auto", help="auto (CUDA when present), or cpu, cuda, cuda:1 ... if present"
+    )
+    predict.add_argument(
+        "--tta", action="store_true",
+        help="test-time augmentation: average the U-Net's outputs over the 8 flips and quarter turns (8× slower)",
     )
     predict.set_defaults(run=_predict)
     return parser

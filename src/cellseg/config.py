@@ -115,9 +115,21 @@ class UNetParams(ModelInput):
     encoder_weights: str  # imagenet | none | <path to a local weights file>
     decoder_channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(min_length=5, max_length=5)
     channels: Literal[1, 3]
+    target: Literal["boundary", "flows"]
     loss: Literal["ce", "ce_dice"]
     type_loss_weight: float = Field(ge=0.0, le=100.0)
     boundary_width: int = Field(ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _flows_follow_augmentations(self) -> UNetParams:
+        from cellseg.augment import MOVES_PIXELS, SYMMETRIC  # imports albumentations: only where validated
+
+        if self.target == "flows" and (bent := [n for n in self.augment if n in MOVES_PIXELS and n not in SYMMETRIC]):
+            raise ValueError(
+                f"augment {bent[0]!r} bends the flow target's vectors; with target 'flows' the geometric "
+                f"augmentations are {', '.join(SYMMETRIC)}"
+            )
+        return self
 
 
 class MaskRCNNParams(ModelInput):
@@ -160,10 +172,13 @@ class TrainSection(Section):
 
 
 class UNetPostprocess(Section):
-    """``postprocess.unet``: the watershed that makes instances of the U-Net's probabilities."""
+    """``postprocess.unet``: how the U-Net's outputs become instances: a watershed (target ``boundary``) or
+    cellpose's flow dynamics (target ``flows``)."""
 
     marker_threshold: Probability
     mask_threshold: Probability
+    cellprob_threshold: float = Field(ge=-20.0, le=20.0)  # a logit, as cellpose's
+    flow_threshold: float = Field(ge=0.0, le=10.0)  # 0: no flow-error check
     min_size: MinSize
 
 
@@ -183,6 +198,12 @@ class PostprocessSection(Section):
     maskrcnn: MaskRCNNPostprocess
 
 
+class EvaluateParams(Section):
+    """``evaluate``: how the evaluate stage runs the trained models."""
+
+    tta: list[Literal["unet"]]  # models evaluated with test-time augmentation (only the U-Net has it)
+
+
 class TrackingParams(Section):
     """``tracking``: MLflow. ``uri: null`` → ``MLFLOW_TRACKING_URI`` or the local default store."""
 
@@ -200,6 +221,7 @@ SECTIONS: dict[str, type[Section]] = {
     "maskrcnn": MaskRCNNParams,
     "train": TrainSection,
     "postprocess": PostprocessSection,
+    "evaluate": EvaluateParams,
     "tracking": TrackingParams,
 }
 

@@ -1,13 +1,14 @@
 """Training data: 3-class U-Net targets, an in-memory image store shared by both models, datasets.
 
-Targets have three classes: 0 background, 1 cell interior, 2 cell boundary (the pixels of a cell that touch
-another cell or the background), so that touching cells stay apart once the interior is split into instances.
+The boundary target has three classes: 0 background, 1 cell interior, 2 cell boundary (the pixels of a cell
+that touch another cell or the background), so that touching cells stay apart once the interior is split into
+instances. A flow target (:mod:`cellseg.flows`) is an (H, W, 3) float map whose channels 0 and 1 are vectors.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from cellseg.decode import IMAGES_TABLE, LABELS_DIR
 from cellseg.errors import DataError
+from cellseg.flows import turn_applied
 from cellseg.io import read_gray, read_labels
 from cellseg.celltypes import CELL_TYPES
 
@@ -47,12 +49,15 @@ def targets_from_labels(labels: np.ndarray, boundary_width: int) -> np.ndarray:
     return targets
 
 
+PixelTargets = Callable[[str, np.ndarray], np.ndarray]  # (image id, its label image) → the U-Net's pixel targets
+
+
 class ImageStore:
-    """Every listed image and its label image, read once and held in memory; with a ``boundary_width`` (the
-    U-Net's), their U-Net targets too."""
+    """Every listed image and its label image, read once and held in memory; given ``targets`` (the U-Net's
+    :data:`PixelTargets`), their pixel targets too."""
 
     def __init__(
-        self, data_root: Path, decoded_dir: Path, image_ids: Sequence[str], boundary_width: int | None = None
+        self, data_root: Path, decoded_dir: Path, image_ids: Sequence[str], targets: PixelTargets | None = None
     ) -> None:
         data_root, decoded_dir = Path(data_root), Path(decoded_dir)
         table = _image_table(decoded_dir, image_ids)
@@ -64,8 +69,8 @@ class ImageStore:
             image = read_gray(data_root / row.file_name)
             labels = _read_label_file(decoded_dir / LABELS_DIR / f"{row.image_id}.png", image.shape)
             arrays = [(self._images, image), (self._labels, labels)]
-            if boundary_width is not None:
-                arrays.append((self._targets, targets_from_labels(labels, boundary_width)))
+            if targets is not None:
+                arrays.append((self._targets, targets(row.image_id, labels)))
             for held, array in arrays:
                 array.flags.writeable = False  # crops are views: nothing may alter the cache
                 held[row.image_id] = array
@@ -92,9 +97,9 @@ class ImageStore:
         return self._get(self._labels, image_id)
 
     def targets(self, image_id: str) -> np.ndarray:
-        """The uint8 H×W class map (:func:`targets_from_labels`); only a store given a ``boundary_width`` has them."""
+        """The image's pixel targets (H×W classes or an H×W×C flow map); only a store given ``targets`` has them."""
         if not self._targets:
-            raise DataError("this image store holds no U-Net targets (it was given no boundary_width)")
+            raise DataError("this image store holds no U-Net targets (it was given no pixel targets)")
         return self._get(self._targets, image_id)
 
     def cell_type(self, image_id: str) -> str:
@@ -219,11 +224,20 @@ class PatchDataset(AugmentedDataset):
             self._seed_worker()
             out = self.augment(image=image, mask=target)
             image, target = out["image"], out["mask"]
+            if target.ndim == 3:  # a flow map: its vectors turn as its pixels moved
+                target = turn_applied(target, out["applied_transforms"])
         return {
             "image": normalize(image, self.mean, self.std, self.channels),
-            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64)),
+            "target": target_tensor(target),
             "type": torch.tensor(self._types[i]),
         }
+
+
+def target_tensor(target: np.ndarray) -> torch.Tensor:
+    """Pixel targets as the loss takes them: classes as int64 H×W, a flow map as float32 C×H×W."""
+    if target.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1), dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64))
 
 
 def _type_ids(cell_types: pd.Series, what: str) -> np.ndarray:
@@ -237,8 +251,8 @@ def _type_ids(cell_types: pd.Series, what: str) -> np.ndarray:
 class WholeImageDataset(Dataset):
     """Whole images for validation, padded at the bottom/right to a multiple of ``pad_multiple``.
 
-    The image is reflect-padded, the target padded with :data:`IGNORE_INDEX`, the instance labels with 0;
-    ``valid`` marks real pixels; ``type`` is the image's cell type (its index in ``CELL_TYPES``).
+    The image is reflect-padded, the target padded with :data:`IGNORE_INDEX` (a flow map with 0), the instance
+    labels with 0; ``valid`` marks real pixels; ``type`` is the image's cell type (its index in ``CELL_TYPES``).
     """
 
     def __init__(
@@ -270,7 +284,10 @@ class WholeImageDataset(Dataset):
         cell_type = self.store.cell_type(image_id)
         return {
             "image": tensor,
-            "target": torch.from_numpy(np.pad(target, pad, constant_values=IGNORE_INDEX).astype(np.int64)),
+            "target": target_tensor(
+                np.pad(target, (*pad, (0, 0)), constant_values=0) if target.ndim == 3
+                else np.pad(target, pad, constant_values=IGNORE_INDEX)
+            ),
             "labels": torch.from_numpy(np.pad(self.store.labels(image_id), pad).astype(np.int64)),
             "valid": torch.from_numpy(valid),
             "image_id": image_id,
@@ -292,7 +309,9 @@ class WholeImageDataset(Dataset):
 
         return {
             "image": torch.stack([fit(item["image"], 0.0) for item in batch]),
-            "target": torch.stack([fit(item["target"], IGNORE_INDEX) for item in batch]),
+            "target": torch.stack(
+                [fit(item["target"], 0 if item["target"].is_floating_point() else IGNORE_INDEX) for item in batch]
+            ),
             "labels": torch.stack([fit(item["labels"], 0) for item in batch]),
             "valid": torch.stack([fit(item["valid"], False) for item in batch]),
             "image_id": [item["image_id"] for item in batch],

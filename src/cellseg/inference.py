@@ -27,18 +27,22 @@ log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 
 
-def load_predictor(checkpoint: str | Path, device: torch.device, post: BaseModel | None = None) -> Predictor:
+def load_predictor(
+    checkpoint: str | Path, device: torch.device, post: BaseModel | None = None, tta: bool = False
+) -> Predictor:
     """Rebuild the model a checkpoint file was trained as: :func:`predictor` of the loaded checkpoint."""
-    return predictor(load_checkpoint(checkpoint), checkpoint, device, post)
+    return predictor(load_checkpoint(checkpoint), checkpoint, device, post, tta)
 
 
 def predictor(
-    state: Mapping[str, Any], checkpoint: str | Path, device: torch.device, post: BaseModel | None = None
+    state: Mapping[str, Any], checkpoint: str | Path, device: torch.device, post: BaseModel | None = None,
+    tta: bool = False,
 ) -> Predictor:
     """Rebuild the model of a loaded checkpoint ``state`` (its params are stored in it) with its weights.
 
     ``post``, the model's ``postprocess.<name>`` params, replaces the post-processing params stored at
-    training, so that thresholds can be tuned without retraining. Errors name the ``checkpoint`` file.
+    training, so that thresholds can be tuned without retraining; ``tta`` asks for test-time augmentation.
+    Errors name the ``checkpoint`` file.
     """
     name = state["model"]
     if name not in MODELS:
@@ -52,7 +56,8 @@ def predictor(
     params = _stored(entry.params, state, "model_params", checkpoint)
     model = entry.architecture(params)
     _load_weights(model, state["model_state"], checkpoint, name)
-    return entry.predictor(model, params, post or _stored(entry.postprocess, state, "postprocess", checkpoint), device)
+    post = post or _stored(entry.postprocess, state, "postprocess", checkpoint)
+    return entry.predictor(model, params, post, device, tta)
 
 
 def _stored(model: type[P], state: Mapping[str, Any], key: str, checkpoint: str | Path) -> P:

@@ -1,4 +1,5 @@
-"""From model outputs to one instance label image: U-Net watershed and Mask R-CNN overlap removal.
+"""From model outputs to one instance label image: the U-Net's watershed or flow dynamics, and Mask R-CNN's
+overlap removal.
 
 Label images are uint16, 0 = background, instances labelled 1..n.
 """
@@ -11,6 +12,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
+from cellseg.flows import masks_from_flows
 from cellseg.instances import MAX_LABEL
 
 
@@ -30,6 +32,15 @@ def watershed_instances(
     foreground = interior + probs[BOUNDARY] > mask_threshold
     labels = watershed(1.0 - interior, markers, mask=foreground)
     return _drop_small(labels, min_size)
+
+
+def flow_instances(
+    flows: np.ndarray, cellprob: np.ndarray, *, cellprob_threshold: float, flow_threshold: float, min_size: int
+) -> np.ndarray:
+    """Instances from network-scale flows (2, H, W) and cell-probability logits (H, W) by cellpose's dynamics
+    (:func:`~cellseg.flows.masks_from_flows`); instances smaller than ``min_size`` pixels are dropped."""
+    masks = masks_from_flows(flows, cellprob, cellprob_threshold=cellprob_threshold, flow_threshold=flow_threshold)
+    return _drop_small(masks, min_size)
 
 
 def remove_overlaps(

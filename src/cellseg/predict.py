@@ -87,12 +87,14 @@ def predict_images(
     overwrite: bool = False,
     batch_size: int = 4,
     device: torch.device,
+    tta: bool = False,
 ) -> dict[str, int]:
-    """Segment every input image and write the outputs described in the module docstring."""
+    """Segment every input image (``tta``: with test-time augmentation) and write the outputs described in the
+    module docstring."""
     out = Path(out)
     check_outputs([(out, Kind.TREE)], [*map(Path, inputs), Path(checkpoint)], overwrite=overwrite)
     paths = find_images(inputs)
-    predictor = load_predictor(checkpoint, device)
+    predictor = load_predictor(checkpoint, device, tta=tta)
     images_meta, results, rows = [], [], []
     with atomic_path(out, directory=True) as tmp:
         (tmp / "labels").mkdir()

@@ -29,8 +29,8 @@ class ModelEntry:
     params: type[BaseModel]  # its params section (``<name>``), stored in its checkpoints
     postprocess: type[BaseModel]  # its post-processing params (``postprocess.<name>``), also stored
     architecture: Callable[[Any], torch.nn.Module]  # the untrained model its params describe (no download)
-    # (trained model, params, post-processing params, device) → whole-image inference
-    predictor: Callable[[torch.nn.Module, Any, Any, torch.device], Predictor]
+    # (trained model, params, post-processing params, device, test-time augmentation) → whole-image inference
+    predictor: Callable[[torch.nn.Module, Any, Any, torch.device, bool], Predictor]
 
 
 MODELS: dict[str, ModelEntry] = {

@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `helpers` importable
 
 from cellseg.config import TrainParams, UNetParams, UNetPostprocess
-from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
+from cellseg.data import ImageStore, PatchDataset, WholeImageDataset, targets_from_labels
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
 from cellseg.models.unet import UNetTask
 from cellseg.patches import sample_patches
@@ -106,7 +106,7 @@ def stable(rows: Iterable[dict[str, float]]) -> list[dict[str, float]]:
 def datasets(root: Path) -> tuple[PatchDataset, WholeImageDataset]:
     """Training patches of images 1–2 (no augmentation) and whole-image validation on image 3."""
     ids = list(pd.read_parquet(root / "decoded" / IMAGES_TABLE)["image_id"])
-    store = ImageStore(root / "raw", root / "decoded", ids, boundary_width=1)
+    store = ImageStore(root / "raw", root / "decoded", ids, lambda _, labels: targets_from_labels(labels, 1))
     train_set = PatchDataset(pd.read_parquet(root / "patches.parquet"), store, None, MEAN, STD, 3)
     return train_set, WholeImageDataset(ids[2:], store, MEAN, STD, 3)
 

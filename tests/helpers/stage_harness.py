@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
+from cellseg.flows import write_flows
 from cellseg.io import write_json, write_parquet
 from cellseg.patches import sample_patches
 from cellseg.sources.kaggle import read_kaggle
@@ -27,8 +28,9 @@ STAGE_ARGS: dict[str, list[str]] = {
     "decode": ["--out", "decoded"],
     "split": ["--decoded", "decoded", "--out", "split.json"],
     "patches": ["--decoded", "decoded", "--split", "split.json", "--out", "patches.parquet"],
+    "flows": ["--decoded", "decoded", "--out", "flows"],
     "train_unet": [
-        "--decoded", "decoded", "--split", "split.json", "--patches", "patches.parquet",
+        "--decoded", "decoded", "--split", "split.json", "--patches", "patches.parquet", "--flows", "flows",
         "--models", "models/unet", "--metrics", "metrics/unet",
     ],
     "train_maskrcnn": [
@@ -46,6 +48,7 @@ OUTPUTS: dict[str, list[str]] = {
     "decode": ["decoded"],
     "split": ["split.json"],
     "patches": ["patches.parquet"],
+    "flows": ["flows"],
     "train_unet": ["models/unet/best.pt", "metrics/unet"],
     "train_maskrcnn": ["models/maskrcnn/best.pt", "metrics/maskrcnn"],
     "synthesize": ["synth"],
@@ -58,7 +61,8 @@ NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the 
     "synthesize": (),
     "split": ("decoded",),
     "patches": ("decoded", "split"),
-    "train_unet": ("decoded", "split", "patches"),
+    "flows": ("decoded",),
+    "train_unet": ("decoded", "split", "patches", "flows"),
     "train_maskrcnn": ("decoded", "split"),
     "predict": (),
     "synth": (),
@@ -138,6 +142,8 @@ def prepare(w: World, stage: str) -> None:
             split["train"], size=32, jitter=0.5, per_cell=1, background_fraction=0.05, seed=0,
         )
         write_parquet(w.work / "patches.parquet", index)
+    if "flows" in needs:  # the boundary target's: an empty folder
+        write_flows(w.work / "decoded", [], w.work / "flows")
     if stage == "predict":
         (w.work / "images").mkdir()
         for image_id in ("sh0000000000", ASTRO):

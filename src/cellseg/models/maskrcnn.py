@@ -410,8 +410,11 @@ class MaskRCNNPredictor:
     name = "maskrcnn"
 
     def __init__(
-        self, model: nn.Module, params: MaskRCNNParams, post: MaskRCNNPostprocess, device: torch.device
+        self, model: nn.Module, params: MaskRCNNParams, post: MaskRCNNPostprocess, device: torch.device,
+        tta: bool = False,
     ) -> None:
+        if tta:
+            raise ParamsError("Mask R-CNN has no test-time augmentation yet: only the U-Net's outputs can be averaged")
         self.model = model.to(device).eval()
         score_floor(self.model, post)
         self.params = params

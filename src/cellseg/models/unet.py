@@ -1,8 +1,9 @@
 """The U-Net: build it (random, ImageNet or local-file encoder weights), train it, turn its outputs into cells.
 
-The network has two outputs: per-pixel class logits (background, interior, boundary) and, from a
-classification head on the encoder's deepest features (smp's ``aux_params``), the image's cell type, so that
-inference never needs the true type (the per-type minimum sizes use the predicted one).
+The network has two outputs: three per-pixel maps (class logits of background, interior and boundary, or
+cellpose's flows and cell probability: ``unet.target``, :mod:`.unet_targets`) and, from a classification head
+on the encoder's deepest features (smp's ``aux_params``), the image's cell type, so that inference never needs
+the true type (the per-type minimum sizes use the predicted one).
 
 ``weights`` (``unet.encoder_weights``): ``"none"`` → random init; ``"imagenet"`` → smp's own download;
 any other string → a local ``torch.save`` file holding an encoder state dict (keys of ``model.encoder``,
@@ -22,12 +23,13 @@ import torch.nn.functional as F
 
 from cellseg.checkpoint import read_weights
 from cellseg.config import UNetParams, UNetPostprocess
-from cellseg.data import IGNORE_INDEX, N_CLASSES, WholeImageDataset, padded_input
+from cellseg.data import N_CLASSES, WholeImageDataset, padded_input
 from cellseg.errors import ParamsError, ResourceError
 from cellseg.instances import Instances
 from cellseg.metrics import CompetitionScore, iou_dice
-from cellseg.postprocess import watershed_instances
-from cellseg.celltypes import CELL_TYPES, category_id, per_type
+from cellseg.celltypes import CELL_TYPES, category_id
+from cellseg.flows import SYMMETRIES
+from cellseg.models.unet_targets import unet_target
 
 PARAM = "unet.encoder_weights"
 BN_MOMENTUM = 0.1
@@ -38,7 +40,7 @@ def build_unet(params: UNetParams) -> torch.nn.Module:
     """A ``smp.Unet`` with the encoder, weights (see the module docstring), input channels and decoder widths of
     ``params``, and a cell-type head.
 
-    Called on a batch it returns ``(class logits N×3×H×W, cell-type logits N×len(CELL_TYPES))``.
+    Called on a batch it returns ``(output logits N×3×H×W, cell-type logits N×len(CELL_TYPES))``.
     """
     shape = (params.encoder, params.channels, params.decoder_channels)
     if params.encoder_weights == "none":
@@ -57,16 +59,6 @@ def build_unet(params: UNetParams) -> torch.nn.Module:
 def architecture(params: UNetParams) -> torch.nn.Module:
     """The U-Net ``params`` describe, randomly initialised: a checkpoint's weights go in it."""
     return build_unet(params.model_copy(update={"encoder_weights": "none"}))
-
-
-def unet_instances(probs: np.ndarray, cell_type: str, post: UNetPostprocess) -> np.ndarray:
-    """The uint16 label image of one image's (3, H, W) class probabilities: the watershed of
-    :func:`~cellseg.postprocess.watershed_instances` with the thresholds of ``post`` and the minimum size of
-    ``cell_type`` (the predicted one: never the truth)."""
-    return watershed_instances(
-        probs, marker_threshold=post.marker_threshold, mask_threshold=post.mask_threshold,
-        min_size=per_type(post.min_size, cell_type),
-    )
 
 
 def _smp_unet(
@@ -135,8 +127,8 @@ def _key_diff(model: torch.nn.Module, state: Mapping[str, torch.Tensor], shown: 
 
 
 class UNetTask:
-    """How the shared trainer trains and validates the U-Net (classes: background, interior, boundary; plus the
-    image's cell type from the classification head)."""
+    """How the shared trainer trains and validates the U-Net: its pixel target (:mod:`.unet_targets`) plus the
+    image's cell type from the classification head."""
 
     name = "unet"
     monitor = "map"
@@ -149,45 +141,48 @@ class UNetTask:
 
     def __init__(self, params: UNetParams, post: UNetPostprocess, channels_last: bool) -> None:
         self.params = params
-        self.post = post
+        self.target = unet_target(params, post)
         self.channels_last = channels_last
-        self.dice_loss = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
 
-    def _forward(
-        self, model: torch.nn.Module, batch: dict, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class logits, cell-type logits, and the batch's pixel targets and cell types, on ``device``."""
+    def _forward(self, model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Output maps' logits, cell-type logits, and the batch's pixel targets, valid pixels and cell types,
+        on ``device``."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         logits, type_logits = model(images)
-        return logits, type_logits, batch["target"].to(device, non_blocking=True), batch["type"].to(device)
+        target = batch["target"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device) if "valid" in batch else torch.ones_like(logits[:, 0], dtype=torch.bool)
+        return logits, type_logits, target, valid, batch["type"].to(device)
 
     def _losses(
-        self, logits: torch.Tensor, type_logits: torch.Tensor, target: torch.Tensor, types: torch.Tensor
+        self, logits: torch.Tensor, type_logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+        types: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+        pixels = self.target.losses(logits, target, valid)
         type_ce = F.cross_entropy(type_logits.float(), types)
-        pixels = {"ce": ce}
-        if self.params.loss == "ce_dice":
-            pixels["dice_loss"] = self.dice_loss(logits.float(), target)
         loss = sum(pixels.values()) + self.params.type_loss_weight * type_ce
         return {"loss": loss, **pixels, "type_ce": type_ce}
+
+    def _counts(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[int, int, int]:
+        """Foreground pixel counts (intersection, predicted, true) over the valid pixels."""
+        pred = self.target.foreground(logits) & valid
+        true = self.target.true_foreground(target) & valid
+        return int((pred & true).sum()), int(pred.sum()), int(true.sum())
 
     def train_step(self, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """Loss of one batch plus the batch's foreground IoU and Dice (the seed's training curves) and the share
         of windows whose cell type the head names."""
-        logits, type_logits, target, types = self._forward(model, batch, device)
-        stats = self._losses(logits, type_logits, target, types)
+        logits, type_logits, target, valid, types = self._forward(model, batch, device)
+        stats = self._losses(logits, type_logits, target, valid, types)
         with torch.no_grad():
-            inter, pred, true = _foreground_counts(logits, target)
-            iou, dice = iou_dice(inter, pred, true)
+            iou, dice = iou_dice(*self._counts(logits, target, valid))
             type_accuracy = (type_logits.argmax(dim=1) == types).float().mean()
         return {**stats, "iou": torch.tensor(iou), "dice": torch.tensor(dice), "type_accuracy": type_accuracy}
 
     def validate(self, model: torch.nn.Module, loader: Iterable[dict], device: torch.device) -> dict[str, float]:
         """Over whole validation images, overall and per (true) cell type: loss, foreground pixel IoU/Dice, the
-        competition mAP of the watershed instances (post-processed with the predicted cell type) and the
-        share of images whose cell type the head names (``type_accuracy``)."""
+        competition mAP of the instances (post-processed with the predicted cell type) and the share of images
+        whose cell type the head names (``type_accuracy``)."""
         model.eval()
         counts: dict[str, np.ndarray] = {}
         typed: dict[str, np.ndarray] = {}
@@ -195,19 +190,20 @@ class UNetTask:
         loss_sum, n_images = 0.0, 0
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             for batch in loader:
-                logits, type_logits, target, types = self._forward(model, batch, device)
-                loss_sum += float(self._losses(logits, type_logits, target, types)["loss"]) * len(target)
+                logits, type_logits, target, valid, types = self._forward(model, batch, device)
+                loss_sum += float(self._losses(logits, type_logits, target, valid, types)["loss"]) * len(target)
                 n_images += len(target)
-                probs = logits.float().softmax(dim=1).cpu().numpy()
+                maps = self.target.maps(logits).cpu().numpy()
                 predicted = type_logits.argmax(dim=1).cpu().numpy()
                 for k, cell_type in enumerate(batch["cell_type"]):
                     height, width = int(batch["height"][k]), int(batch["width"][k])
-                    found = np.array(_foreground_counts(logits[k : k + 1], target[k : k + 1]), dtype=np.int64)
+                    one = slice(k, k + 1)
+                    found = np.array(self._counts(logits[one], target[one], valid[one]), dtype=np.int64)
                     right = np.array([predicted[k] == int(types[k]), 1], dtype=np.int64)
                     for group in ("all", cell_type):
                         counts[group] = counts.get(group, 0) + found
                         typed[group] = typed.get(group, 0) + right
-                    labels = unet_instances(probs[k, :, :height, :width], CELL_TYPES[predicted[k]], self.post)
+                    labels = self.target.instances(maps[k, :, :height, :width], CELL_TYPES[predicted[k]])
                     score.add(batch["labels"][k, :height, :width].numpy(), labels, group=cell_type)
         model.train()
         metrics = {"loss": loss_sum / max(n_images, 1)}
@@ -221,47 +217,54 @@ class UNetTask:
         return metrics
 
 
-def _foreground_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
-    """Pixel counts (intersection, predicted, true) of the foreground (interior or boundary), ignoring padding."""
-    valid = target != IGNORE_INDEX
-    pred = (logits.argmax(dim=1) != 0) & valid
-    true = (target != 0) & valid
-    return int((pred & true).sum()), int(pred.sum()), int(true.sum())
-
-
 class UNetPredictor:
-    """U-Net probabilities → marker-controlled watershed instances, all of the image's predicted cell type."""
+    """U-Net outputs → instances (:mod:`.unet_targets`), all of the image's predicted cell type.
+
+    With ``tta``, the outputs are averaged over the 8 symmetries of the pixel grid (flips and quarter turns):
+    each one's maps are moved back, their flow vectors turned back, before the mean (8× the network's time).
+    """
 
     name = "unet"
 
     def __init__(
-        self, model: torch.nn.Module, params: UNetParams, post: UNetPostprocess, device: torch.device
+        self, model: torch.nn.Module, params: UNetParams, post: UNetPostprocess, device: torch.device,
+        tta: bool = False,
     ) -> None:
         self.model = model.to(device).eval()
         self.params = params
         self.post = post
+        self.target = unet_target(params, post)
         self.device = device
+        self.symmetries = SYMMETRIES if tta else SYMMETRIES[:1]
+
+    def maps(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The target's (3, H, W) output maps of one whole image and its cell-type probabilities (one per
+        ``CELL_TYPES``), averaged over the predictor's symmetries."""
+        maps, types = 0.0, 0.0
+        for symmetry in self.symmetries:
+            moved, type_probs = self._maps(symmetry.apply(image))
+            maps = maps + symmetry.inverse().apply(moved, vectors=self.target.vectors)
+            types = types + type_probs
+        return maps / len(self.symmetries), types / len(self.symmetries)
 
     @torch.inference_mode()
-    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(3, H, W) class probabilities of one whole image (padded to a multiple of 32 for the network) and
-        its cell-type probabilities (one per ``CELL_TYPES``)."""
+    def _maps(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The maps and cell-type probabilities of one image as it is (padded to a multiple of 32 for the network)."""
         height, width = image.shape
         tensor, _ = padded_input(image, self.params.mean, self.params.std, self.params.channels)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
             logits, type_logits = self.model(tensor.unsqueeze(0).to(self.device))
-        probs = logits.float().softmax(dim=1)[0, :, :height, :width].cpu().numpy()
-        return probs, type_logits.float().softmax(dim=1)[0].cpu().numpy()
+        maps = self.target.maps(logits)[0, :, :height, :width].cpu().numpy()
+        return maps, type_logits.float().softmax(dim=1)[0].cpu().numpy()
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
         results = []
         for image in images:
-            probs, type_probs = self.probabilities(image)
+            maps, type_probs = self.maps(image)
             type_index = int(type_probs.argmax())
-            labels = unet_instances(probs, CELL_TYPES[type_index], self.post)
+            labels = self.target.instances(maps, CELL_TYPES[type_index])
             n = int(labels.max())
-            foreground = probs[1] + probs[2]
-            sums = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=n + 1)[1:]
+            sums = np.bincount(labels.ravel(), weights=self.target.confidence(maps).ravel(), minlength=n + 1)[1:]
             sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
             scores = sums / np.maximum(sizes, 1)
             category = category_id(CELL_TYPES[type_index])
