@@ -19,19 +19,15 @@ from cellseg.metrics import CompetitionScore
 from cellseg.models.maskrcnn import build_maskrcnn
 from cellseg.models.unet import UNetPredictor
 from cellseg.predict import predict_images
+from helpers.cells import cells
 from helpers.project import project_params
 
 CPU = torch.device("cpu")
 
 
 def image_and_cells() -> tuple[np.ndarray, np.ndarray]:
-    """A 50×70 image of dark cells on a light background (an L-shape among them), and their labels."""
-    labels = np.zeros((50, 70), dtype=np.uint16)
-    labels[4:36, 6:14] = 1
-    labels[28:36, 6:30] = 1
-    yy, xx = np.mgrid[:50, :70]
-    labels[(yy - 16) ** 2 + (xx - 40) ** 2 < 70] = 2
-    labels[42:46, 30:64] = 3
+    """An image of :func:`cells` as dark cells on a light background, and their labels."""
+    labels = cells()
     return np.where(labels > 0, 40, 210).astype(np.uint8), labels
 
 
