@@ -2,15 +2,17 @@
 
     python bench/real.py [--data ../shared/sartorius] [--work DIR] [--out bench/real_results.json]
                          [--plot docs/real_map_vs_cpu_minutes.png] [--quick] [--models unet maskrcnn]
-                         [--set unet.target=flows ...] [--tta] [--no-synthetic]
+                         [--set unet.target=flows ...] [--tta] [--tune] [--no-synthetic]
 
 It runs the project's own stage scripts (no DVC, tracking off) on a copy of ``params.yaml`` with the budget
 below, then scores the checkpoints with the library's evaluation (:func:`cellseg.evaluate.evaluate_predictor`,
 as the ``evaluate`` stage does), in three parts:
 
 1. **real**: decode → split → patches → coco → flows → train_unet / train_maskrcnn, on the real images at
-   ``--data`` (a Kaggle-format directory, read as it is), scored on its real validation fold (with ``--tta``,
-   the U-Net a second time with test-time augmentation: ``unet+tta``);
+   ``--data`` (a Kaggle-format directory, read as it is), scored on its real validation fold with the params'
+   post-processing (with ``--tta``, the U-Net a second time with test-time augmentation: ``unet+tta``; with
+   ``--tune``, the tune stage runs and each model is scored again with its tuned file: ``<model>+tuned``, whose
+   cross-validated gain the tune stage's metrics give);
 2. **synthetic**: the default synthetic pipeline (``params.yaml`` unchanged) up to the trained models;
 3. **transfer**: those synthetic-only models scored on the same real validation images (the transfer gap).
    ``--no-synthetic`` skips 2 and 3.
@@ -50,7 +52,10 @@ import yaml  # noqa: E402
 from cellseg import config  # noqa: E402
 from cellseg.data import ImageStore  # noqa: E402
 from cellseg.evaluate import evaluate_predictor  # noqa: E402
-from cellseg.inference import load_predictor  # noqa: E402
+from cellseg.checkpoint import load_checkpoint  # noqa: E402
+from cellseg.inference import predictor  # noqa: E402
+from cellseg.registry import MODELS as REGISTRY  # noqa: E402
+from cellseg.tune import TUNED_FILE, read_tuned  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
 from cellseg.devices import pick_device  # noqa: E402
 from gpu import MASKRCNN_RECIPE  # noqa: E402
@@ -61,7 +66,7 @@ MODELS = ("unet", "maskrcnn")
 GROUPS = ("all", "shsy5y", "astro", "cort")
 
 # Training budget on 2 CPU cores (AVX2, no native bfloat16): the U-Net sees 6 × 2,200 windows of 128²
-# (≈ 11 windows/s: ≈ 20 min of training, plus ≈ 1 min of validation per epoch); Mask R-CNN (with --maskrcnn)
+# (≈ 11 windows/s: ≈ 20 min of training, plus ≈ 1 min of validation per epoch); Mask R-CNN (--models maskrcnn)
 # 4 × 256 images, about as long.
 CPU_BUDGET = {
     "train.unet.epochs": 6,
@@ -90,6 +95,7 @@ QUICK = {
     "train.unet.samples_per_epoch": 48,
     "train.maskrcnn.epochs": 1,
     "train.maskrcnn.samples_per_epoch": 2,
+    "tune.folds": 2,
 }
 
 
@@ -159,23 +165,43 @@ def pipeline(work: Path, params: Path, logs: Path, models: tuple[str, ...], *, s
     return seconds
 
 
-def evaluate(params: Path, data: Path, models: Path, names: tuple[str, ...], tta: bool = False) -> dict[str, dict]:
+def tune_models(params: Path, logs: Path, work: Path, models: tuple[str, ...]) -> dict[str, float]:
+    """The tune stage for each model trained in ``work``; returns each one's seconds."""
+    return {
+        f"tune_{name}": run_stage(
+            "tune", params, logs, decoded=work / "decoded", split=work / "split.json",
+            checkpoint=work / f"models/{name}/best.pt", out=work / f"models/{name}/{TUNED_FILE}",
+            metrics=work / f"metrics/{name}/tune.json",
+        )
+        for name in models
+    }
+
+
+def evaluate(
+    params: Path, data: Path, models: Path, names: tuple[str, ...], tta: bool = False, tuned: bool = False
+) -> dict[str, dict]:
     """Each model's checkpoint under ``models`` scored on the validation fold of ``data`` (a real pipeline's
     work dir), with the post-processing of ``params``, as the ``evaluate`` stage does; with ``tta``, the U-Net
-    a second time with test-time augmentation (``unet+tta``)."""
+    a second time with test-time augmentation (``unet+tta``); with ``tuned``, each model again with its tune
+    stage's file (``<model>+tuned``)."""
     raw = config.read_params(params)
     val = json.loads((data / "split.json").read_text())["val"]
     store = ImageStore(Path(config.section(raw, "data").root), data / "decoded", val)
     coco_gt = json.loads((data / "coco/coco_val.json").read_text())
     device = pick_device("auto")
     post = config.section(raw, "postprocess")
+    runs = [(name, name, False, False) for name in names]
+    runs += [("unet+tta", "unet", True, False)] if tta and "unet" in names else []
+    runs += [(f"{name}+tuned", name, False, True) for name in names] if tuned else []
     results = {}
-    runs = [(name, name, False) for name in names] + ([("unet+tta", "unet", True)] if tta and "unet" in names else [])
-    for key, name, augmented in runs:
+    for key, name, augmented, from_file in runs:
         print(f"  evaluate {key} ...", end=" ", flush=True)
         began = time.perf_counter()
-        predictor = load_predictor(models / name / "best.pt", device, getattr(post, name), tta=augmented)
-        results[key] = evaluate_predictor(predictor, store, val, coco_gt).metrics
+        checkpoint = models / name / "best.pt"
+        state = load_checkpoint(checkpoint)
+        model_post = read_tuned(models / name / TUNED_FILE, state, REGISTRY[name].postprocess) if from_file else None
+        model = predictor(state, checkpoint, device, model_post or getattr(post, name), tta=augmented)
+        results[key] = evaluate_predictor(model, store, val, coco_gt).metrics
         print(f"{time.perf_counter() - began:.0f} s", flush=True)
     return results
 
@@ -245,6 +271,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params change of the real run (dotted key, YAML value), e.g. unet.target=flows")
     parser.add_argument("--tta", action="store_true", help="score the U-Net with test-time augmentation too")
+    parser.add_argument("--tune", action="store_true", help="run the tune stage; score each model with its file too")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-only models (the transfer gap)")
     args = parser.parse_args()
     if not (args.data / "train.csv").is_file():
@@ -266,7 +293,9 @@ def main() -> None:
 
     print(f"real data {args.data} → {work / 'real'} (budget: {budget})", flush=True)
     real_seconds = pipeline(work / "real", real_params, logs, models, synthesize=False)
-    real = evaluate(real_params, work / "real", work / "real/models", models, args.tta)
+    if args.tune:
+        real_seconds |= tune_models(real_params, logs, work / "real", models)
+    real = evaluate(real_params, work / "real", work / "real/models", models, args.tta, args.tune)
     results, synth_seconds, runs = {"real training folds": real}, {}, {"real": work / "real/metrics"}
     if not args.no_synthetic:
         print("synthetic default (params.yaml) → synthetic-only models", flush=True)
@@ -288,6 +317,7 @@ def main() -> None:
         "budget": budget,
         "stage_seconds": {"real": real_seconds, "synthetic": synth_seconds},
         "training": {run: {m: training_summary(metrics / m) for m in models} for run, metrics in runs.items()},
+        "tuning": {m: json.loads((work / f"real/metrics/{m}/tune.json").read_text()) for m in models} if args.tune else {},
         "results": results,
         "unet_curve": curve,
         "wall_minutes": (time.perf_counter() - began) / 60,

@@ -1,4 +1,5 @@
-"""DVC stage: evaluate both trained models on the validation split; write metrics, plots and the report."""
+"""DVC stage: evaluate both trained models on the validation split, with their tuned post-processing (params
+``evaluate.postprocess``); write metrics, plots and the report."""
 
 import json
 import logging
@@ -16,8 +17,10 @@ from cellseg.evaluate import evaluate_predictor
 from cellseg.inference import predictor
 from cellseg.io import write_json
 from cellseg.outputs import Kind
+from cellseg.registry import MODELS
 from cellseg.report import write_plots, write_report
 from cellseg.tracking import open_tracker
+from cellseg.tune import read_tuned, tuned_summary
 from cellseg.devices import pick_device
 
 log = logging.getLogger("cellseg.evaluate")
@@ -31,12 +34,15 @@ def main() -> None:
         coco=In("COCO json of the validation images"),
         checkpoints=In("each model's best.pt", many=True),
         histories=In("each model's epochs.csv, in the order of --checkpoints", many=True),
+        postprocess=In("each model's tuned postprocess.json (the tune stage's), in the order of --checkpoints", many=True),
         metrics=Out(Kind.FILE, "the metrics JSON to write"),
         plots=Out(Kind.FOLDER, "directory for the plots"),
         report=Out(Kind.FILE, "the report to write"),
     )
-    if len(args.histories) != len(args.checkpoints):
-        raise ParamsError(f"--histories: {len(args.histories)} file(s) for {len(args.checkpoints)} checkpoint(s)")
+    for option in ("histories", "postprocess"):
+        if len(getattr(args, option)) != len(args.checkpoints):
+            given = len(getattr(args, option))
+            raise ParamsError(f"--{option}: {given} file(s) for {len(args.checkpoints)} checkpoint(s)")
     raw = config.read_params(args.params)
     data, tracking = config.section(raw, "data", path=args.params), config.section(raw, "tracking", path=args.params)
     val = json.loads(args.split.read_text())["val"]
@@ -44,21 +50,29 @@ def main() -> None:
     coco_gt = json.loads(args.coco.read_text())
     train = config.section(raw, "train", path=args.params)
     post = config.section(raw, "postprocess", path=args.params)  # today's, not those stored at training
-    tta = config.section(raw, "evaluate", path=args.params).tta
+    settings = config.section(raw, "evaluate", path=args.params)
 
-    evaluations, checkpoints, histories = [], {}, {}
-    for path, history in zip(args.checkpoints, args.histories):
+    evaluations, checkpoints, histories, sources = [], {}, {}, {}
+    for path, history, tuned in zip(args.checkpoints, args.histories, args.postprocess):
         checkpoint = load_checkpoint(path)
         name = checkpoint["model"]
         if name in checkpoints:
             raise ParamsError(f"--checkpoints: two checkpoints of model {name!r}")
         checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
         device = pick_device(getattr(train, name).device)  # each model on its own train.<model>.device
-        model = predictor(checkpoint, path, device, getattr(post, name), tta=name in tta)
+        if settings.postprocess == "tuned":
+            model_post = read_tuned(tuned, checkpoint, MODELS[name].postprocess)
+            sources[name] = tuned_summary(tuned)
+        else:
+            model_post = getattr(post, name)
+            sources[name] = "from params.yaml (evaluate.postprocess: params)"
+        model = predictor(checkpoint, path, device, model_post, tta=name in settings.tta)
         evaluations.append(evaluate_predictor(model, store, val, coco_gt))
     write_json(args.metrics, {e.name: e.metrics for e in evaluations})
     plots = write_plots(evaluations, store, val, histories, args.plots)
-    write_report(args.report, evaluations, store, val, plots, {n: c["model_params"] for n, c in checkpoints.items()})
+    write_report(
+        args.report, evaluations, store, val, plots, {n: c["model_params"] for n, c in checkpoints.items()}, sources
+    )
     _log_to_runs(tracking, checkpoints, evaluations, plots)
 
 

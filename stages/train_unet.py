@@ -37,7 +37,7 @@ def main() -> None:
         stored={"model_params": unet.model_dump(), "postprocess": post.model_dump()},
     )
 
-    targets = unet_target(unet, post, args.flows).pixel_targets
+    targets = unet_target(unet, args.flows).pixel_targets
     store = ImageStore(Path(data.root), args.decoded, split["train"] + split["val"], targets)
     train_set = PatchDataset(
         pd.read_parquet(args.patches), store, build_augmentations(unet.augment, seed=train.seed),

@@ -13,7 +13,7 @@ in a temporary working directory and asserts:
   good output (for the cases marked ``prior``, made by running the same stage on good data first) is
   unchanged, and no stray ``.*.tmp`` / ``.*.old`` entry is left beside it.
 
-122 kinds:
+125 kinds:
 
 * RLE, decode stage (9): non-integer token, integer beyond 64 bits, odd token count, zero length,
   negative length, start below 1, runs out of order, overlapping runs, a run past the image end.
@@ -38,6 +38,8 @@ in a temporary working directory and asserts:
   flows the flows stage did not compute (train_unet).
 * Per-cell-type params (2): ``postprocess.unet.min_size`` naming an unknown cell type (train_unet),
   ``postprocess.maskrcnn.score_threshold`` covering not every cell type and without ``default`` (train_maskrcnn).
+* The tune stage (3): ``tune.folds`` more than the validation images' samples, a candidate out of its
+  value's range, an empty list of candidates.
 * Checkpoints (11): ``cellseg predict --model`` with a foreign torch file, a truncated cellseg checkpoint,
   a cellseg checkpoint without weights or params, and one whose weights do not fit its model; the
   train_unet stage resuming (``train.unet.resume: true``) from a ``last.pt`` of the other model
@@ -463,6 +465,12 @@ CASES: list[Case] = [
          ("params.yaml", "postprocess.unet.min_size", "unknown cell type 'neuron'")),
     Case("score-threshold-not-every-cell-type", "train_maskrcnn", param("postprocess.maskrcnn.score_threshold", {"shsy5y": 0.3}),
          ("params.yaml", "postprocess.maskrcnn.score_threshold", "no entry for astro, cort and no 'default'")),
+    # --- the tune stage ---
+    Case("tune-folds-beyond-samples", "tune", param("tune.folds", 20), ("tune: the", "too few for tune.folds 20; lower tune.folds")),
+    Case("tune-candidate-out-of-range", "tune", param("tune.unet.min_size", [0, -5]),
+         ("params.yaml", "tune.unet.min_size.1", "greater than or equal to 0", "(got -5)")),
+    Case("tune-no-candidates", "tune", param("tune.unet.flow_threshold", []),
+         ("params.yaml", "tune.unet.flow_threshold", "at least 1 item")),
     # --- checkpoints ---
     Case("predict-foreign-torch-file", "predict", _foreign_checkpoint, ("{work}/model.pt", "not a cellseg checkpoint")),
     Case("predict-truncated-checkpoint", "predict", _truncated_checkpoint, ("{work}/model.pt", "not a readable cellseg checkpoint")),

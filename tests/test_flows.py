@@ -10,13 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cellpose import dynamics
+from skimage.segmentation import relabel_sequential
 
 from cellseg.augment import build_augmentations
 from cellseg.data import ImageStore, PatchDataset, WholeImageDataset
 from cellseg.decode import decode_image
 from cellseg.errors import DataError
 from cellseg.flows import (
-    FLOW_SCALE, SYMMETRIES, Symmetry, _ALBUMENTATIONS, flows_file, flows_from_labels, read_flows, turn_applied,
+    FLOW_SCALE, NITER, SYMMETRIES, Symmetry, _ALBUMENTATIONS, flows_file, flows_from_labels, read_flows, turn_applied,
     write_flows,
 )
 from cellseg.io import MARKER
@@ -107,6 +109,27 @@ def test_real_cells_come_back_from_their_flows(sartorius_dir: Path, cell_type: s
     assert score.result()["score"] > 0.75 and at_half > 0.95, (score.result(), at_half)
 
 
+
+def test_flow_threshold_drops_what_cellposes_compute_masks_drops() -> None:
+    """``flow_threshold`` > 0 is cellpose's flow-error check: the same cells as ``compute_masks`` with it, and the
+    same again from a memo that kept the dynamics and the errors (the tune stage's search)."""
+    labels = cells()
+    flows = FLOW_SCALE * flows_from_labels(labels)
+    flows[:, labels == 2] = np.roll(flows[:, labels == 2], 7, axis=1)  # one cell's vectors scrambled
+    cellprob = np.where(labels > 0, 5.0, -5.0)
+    reference = dynamics.compute_masks(
+        flows.astype(np.float32), cellprob.astype(np.float32), niter=NITER, cellprob_threshold=0.0,
+        flow_threshold=0.4, min_size=-1, device=torch.device("cpu"),
+    )
+    memo: dict = {}
+    for _ in range(2):
+        found = flow_instances(flows, cellprob, cellprob_threshold=0.0, flow_threshold=0.4, min_size=0, memo=memo)
+        np.testing.assert_array_equal(found, relabel_sequential(reference)[0])
+    assert set(memo) == {("dynamics", 0.0), ("flow_errors", 0.0)}
+    kept_all = flow_instances(flows, cellprob, cellprob_threshold=0.0, flow_threshold=0.0, min_size=0, memo=memo)
+    assert kept_all.max() > found.max()  # the check dropped at least the scrambled cell
+
+
 def test_flows_stage_files_round_trip(tmp_path: Path) -> None:
     decoded = tmp_path / "decoded"
     (decoded / "labels").mkdir(parents=True)
@@ -127,8 +150,8 @@ def test_flows_stage_files_round_trip(tmp_path: Path) -> None:
     assert not flows_file(tmp_path / "flows", "a").exists()
 
 
-def flow_target(tmp_path: Path, **post: object) -> FlowTarget:
-    return FlowTarget(project_params("unet", target="flows"), project_params("postprocess.unet", **post), tmp_path)
+def flow_target(tmp_path: Path) -> FlowTarget:
+    return FlowTarget(project_params("unet", target="flows"), tmp_path)
 
 
 def test_flow_target_loss_is_zero_for_its_own_target_and_ignores_padding(tmp_path: Path) -> None:
@@ -189,7 +212,7 @@ def test_flow_unet_trains_and_validates(tmp_path: Path) -> None:
     write_flows(decoded, ["a"], tmp_path / "flows")
     params = project_params("unet", target="flows", encoder="resnet18", channels=1)
     post = project_params("postprocess.unet", min_size={"default": 5})
-    store = ImageStore(root, decoded, ["a"], FlowTarget(params, post, tmp_path / "flows").pixel_targets)
+    store = ImageStore(root, decoded, ["a"], FlowTarget(params, tmp_path / "flows").pixel_targets)
     assert store.targets("a").shape == (48, 64, 3)
     index = pd.DataFrame({"image_id": ["a"] * 2, "x0": 0, "y0": [0, 16], "size": 32, "cell_type": "astro"})
     patches = PatchDataset(index, store, build_augmentations(["hflip", "rotate90"], seed=0), 0.5, 0.25, 1)

@@ -211,6 +211,18 @@ def test_paste_windows_hold_every_pasted_mask_pixel() -> None:
             assert mask[inside].any() and not mask[~inside].any()
 
 
+
+def test_mask_threshold_per_class() -> None:
+    """Each detection's soft mask is binarised at its own class's ``mask_threshold``."""
+    shape = (20, 30)
+    ramp = np.zeros(shape)
+    ramp[2:12, 2:12] = np.linspace(0.05, 0.95, 10)[None, :]  # 10 columns, 0.05 .. 0.95
+    params = post(mask_threshold={"astro": 0.7, "default": 0.3}, min_size={"default": 1}, score_threshold=0.1)
+    for category, columns in ((1, 7), (2, 3)):  # above 0.3: 7 columns; above 0.7: 3
+        (label,) = predict_instances(fake_output([ramp], [category], [0.9]), params).labels[None]
+        assert int((label == 1).sum()) == 10 * columns
+
+
 def test_overlap_goes_to_the_higher_score() -> None:
     shape = (20, 30)
     low = box(shape, slice(2, 12), slice(2, 16))

@@ -130,8 +130,8 @@ def test_anchors_are_fine_aliases_are_not(tmp_path: Path) -> None:
         ("postprocess.maskrcnn.score_threshold", {"shsy5y": 0.3, "astro": 0.4, "cort": 1.5},
          r"postprocess.maskrcnn.score_threshold.cort: .*less than or equal to 1"),
         ("postprocess.unet.min_size", {"default": -1}, r"postprocess.unet.min_size.default: .*greater than or equal to 0"),
-        ("postprocess.unet.marker_threshold", 1.0, r"postprocess.unet.marker_threshold: .*less than 1"),
-        ("postprocess.maskrcnn.mask_threshold", 0.0, r"postprocess.maskrcnn.mask_threshold: .*greater than 0"),
+        ("postprocess.unet.marker_threshold", 1.0, r"postprocess.unet.marker_threshold.default: .*less than 1"),
+        ("postprocess.maskrcnn.mask_threshold", 0.0, r"postprocess.maskrcnn.mask_threshold.default: .*greater than 0"),
         ("unet.decoder_channels", [128, 64, 32, 16, 0], r"unet.decoder_channels.4: .*greater than or equal to 1"),
         ("synth.images", 10**6, r"synth.images: Input should be less than or equal to 10000"),
         ("maskrcnn.backbone", "resnet101_fpn", r"maskrcnn.backbone: Input should be 'resnet50_fpn_v2', 'resnet50_fpn', "

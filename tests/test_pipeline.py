@@ -172,16 +172,47 @@ def test_decode_and_split_read_the_real_training_set_as_it_is(sartorius_dir: Pat
 @pytest.mark.slow
 def test_real_data_benchmark_runs_end_to_end(sartorius_dir: Path, tmp_path: Path) -> None:
     """``bench/real.py --quick``: the whole chain on a real subset, scored on its real validation images, for the
-    models trained on real images and for the synthetic-only ones (about 2 minutes)."""
+    models trained on real images (plain and tuned) and for the synthetic-only ones (about 3 minutes)."""
     out, plot = tmp_path / "real.json", tmp_path / "curve.png"
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "real.py"), "--quick", "--data", str(sartorius_dir),
+        [sys.executable, str(REPO / "bench" / "real.py"), "--quick", "--tune", "--data", str(sartorius_dir),
          "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(plot)],
         cwd=REPO, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     record = json.loads(out.read_text())
     assert set(record["results"]) == {"real training folds", "synthetic only (default)"}
+    assert set(record["results"]["real training folds"]) == {"unet", "unet+tuned"}
+    assert {"params/map", "cross_validated/map", "gain"} <= set(record["tuning"]["unet"])
     for metrics in record["results"].values():
         assert {"map", "coco_segm_AP", "dice", "n_pred", "n_true", "image_type_accuracy"} <= set(metrics["unet"])
     assert record["unet_curve"] and "val/map" in record["unet_curve"][0] and plot.stat().st_size > 0
+
+
+def test_tune_stage_writes_the_tuned_file_that_predict_then_uses(make_kaggle, tmp_path: Path) -> None:
+    """The tune stage's file holds the values found, the scores and each fold; its metrics the gain; and
+    ``cellseg predict`` on that checkpoint reads it by default."""
+    root = make_kaggle(images_per_type=4)
+    w = World(root=root, work=tmp_path / "work", params=base_params(root))
+    w.work.mkdir()
+    w.params["tune"].update(folds=2, unet={**w.params["tune"]["unet"], "min_size": [0, 1_000_000]})
+    w.write_params()
+    prepare(w, "tune")
+    done = run(w, "tune")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((w.work / OUTPUTS["tune"][0]).read_text())
+    assert record["model"] == "unet" and record["search"]["grid"]["min_size"] == [0, 1_000_000]
+    assert set(record["search"]["grid"]) == {"marker_threshold", "mask_threshold", "min_size"}  # the boundary target's
+    assert set(record["map"]) == {"params", "tuned", "cross_validated"} and len(record["folds"]) == 2
+    assert record["map"]["tuned"]["all"] >= record["map"]["params"]["all"]
+    metrics = json.loads((w.work / OUTPUTS["tune"][1]).read_text())
+    assert metrics["gain"] == pytest.approx(metrics["cross_validated/map"] - metrics["params/map"])
+    images = w.work / "images"
+    images.mkdir()
+    shutil.copy(w.image(), images / "a.png")
+    predicted = subprocess.run(
+        [sys.executable, "-m", "cellseg.cli", "predict", "images", "--model", "models/unet/best.pt", "--out", "pred",
+         "--device", "cpu"], cwd=w.work, capture_output=True, text=True,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "post-processing: tuned, from models/unet/postprocess.json" in predicted.stderr

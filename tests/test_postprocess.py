@@ -40,7 +40,8 @@ def watershed(probs: np.ndarray, min_size: int = 0) -> np.ndarray:
     """:func:`watershed_instances` with params.yaml's ``postprocess.unet`` thresholds."""
     post = project_params("postprocess.unet")
     return watershed_instances(
-        probs, marker_threshold=post.marker_threshold, mask_threshold=post.mask_threshold, min_size=min_size
+        probs, marker_threshold=post.marker_threshold["default"], mask_threshold=post.mask_threshold["default"],
+        min_size=min_size,
     )
 
 
@@ -76,11 +77,11 @@ def test_min_size_per_cell_type_with_default() -> None:
     """The U-Net's instances take the min_size of the (predicted) cell type, else the ``default`` one."""
     probs = small_and_large_blob()
     post = project_params("postprocess.unet", min_size={"shsy5y": 30, "astro": 150, "default": 400})
-    target = BoundaryTarget(project_params("unet"), post)
-    assert target.instances(probs, "shsy5y").max() == 2
-    kept = target.instances(probs, "astro")
+    target = BoundaryTarget(project_params("unet"))
+    assert target.instances(probs, post, "shsy5y").max() == 2
+    kept = target.instances(probs, post, "astro")
     assert kept.max() == 1 and kept[20, 20] == 1 and kept[45, 70] == 0
-    assert target.instances(probs, "cort").max() == 0  # not named: the default
+    assert target.instances(probs, post, "cort").max() == 0  # not named: the default
 
 
 @pytest.mark.parametrize(

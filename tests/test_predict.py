@@ -18,13 +18,14 @@ from torch import nn
 
 from cellseg import rle
 from cellseg.celltypes import CELL_TYPES, category_id
-from cellseg.checkpoint import save_checkpoint
+from cellseg.checkpoint import content_hash, load_checkpoint, save_checkpoint
 from cellseg.cli import build_parser
 from cellseg.errors import DataError
 from cellseg.inference import load_predictor
 from cellseg.io import MARKER, read_labels
 from cellseg.models.unet import UNetPredictor, build_unet
 from cellseg.predict import predict_images, submission_rows
+from cellseg.tune import TUNED_FILE
 from helpers.project import project_params
 
 CPU = torch.device("cpu")
@@ -164,7 +165,7 @@ def test_a_foreign_checkpoint_is_refused(images: Path, tmp_path: Path) -> None:
 
 def test_postprocess_params_can_be_overridden_without_retraining(checkpoint: Path) -> None:
     stored = load_predictor(checkpoint, CPU)
-    assert stored.post.marker_threshold == 0.3 and stored.post.min_size == {"default": 5}
+    assert stored.post.marker_threshold == {"default": 0.3} and stored.post.min_size == {"default": 5}
     tuned = load_predictor(checkpoint, CPU, project_params("postprocess.unet", mask_threshold=0.7))
     assert tuned.post == project_params("postprocess.unet", mask_threshold=0.7)  # replaces the stored ones whole
     assert tuned.params.encoder == "resnet18"  # the architecture stays the checkpoint's
@@ -172,9 +173,31 @@ def test_postprocess_params_can_be_overridden_without_retraining(checkpoint: Pat
         load_predictor(checkpoint, CPU, project_params("postprocess.maskrcnn"))
 
 
+def test_predict_uses_the_tuned_file_beside_the_checkpoint(images: Path, tmp_path: Path) -> None:
+    """``auto`` reads the tune stage's ``postprocess.json`` beside the checkpoint (here: a min_size no cell
+    reaches), ``stored`` the checkpoint's values; a file tuned for another checkpoint is refused."""
+    post = project_params("postprocess.unet", min_size={"default": 5}, marker_threshold=0.3)
+    (tmp_path / "model").mkdir()
+    ckpt = save_unet(tmp_path / "model" / "best.pt", post.model_dump())
+    record = {"model": "unet", "checkpoint_sha256": content_hash(load_checkpoint(ckpt)),
+              "postprocess": {**post.model_dump(), "min_size": {"default": 1_000_000}}}
+    (tmp_path / "model" / TUNED_FILE).write_text(json.dumps(record))
+    stored = predict_images(ckpt, [images], tmp_path / "stored", device=CPU, postprocess="stored")
+    assert stored["instances"] > 0
+    assert predict_images(ckpt, [images], tmp_path / "auto", device=CPU)["instances"] == 0
+    named = predict_images(ckpt, [images], tmp_path / "named", device=CPU, postprocess=tmp_path / "model" / TUNED_FILE)
+    assert named["instances"] == 0
+    torch.manual_seed(1)
+    save_checkpoint(ckpt, "unet", {**load_checkpoint(ckpt), "model_state": build_unet(
+        project_params("unet", encoder="resnet18")).state_dict()})  # trained again
+    with pytest.raises(DataError, match="postprocess.json: tuned for another checkpoint"):
+        predict_images(ckpt, [images], tmp_path / "stale", device=CPU)
+    assert not (tmp_path / "stale").exists()
+
+
 def test_invalid_stored_postprocess_is_refused(tmp_path: Path) -> None:
     invalid = {**project_params("postprocess.unet").model_dump(), "mask_threshold": 2.0}
-    with pytest.raises(DataError, match="stored postprocess are invalid \\(mask_threshold: "):
+    with pytest.raises(DataError, match="stored postprocess are invalid \\(mask_threshold.default: "):
         load_predictor(save_unet(tmp_path / "bad.pt", invalid), CPU)
 
 

@@ -65,8 +65,8 @@ def test_tta_of_a_network_that_commutes_with_the_symmetries_is_that_network(targ
     post = project_params("postprocess.unet", min_size={"default": 5})
     plain = UNetPredictor(SeesCells(target), params, post, CPU)
     augmented = UNetPredictor(SeesCells(target), params, post, CPU, tta=True)
-    maps, types = plain.maps(image)
-    tta_maps, tta_types = augmented.maps(image)
+    outputs, tta_outputs = plain.outputs(image), augmented.outputs(image)
+    maps, types, tta_maps, tta_types = outputs.maps, outputs.type_probs, tta_outputs.maps, tta_outputs.type_probs
     cells = labels > 0
     if target == "flows":  # cellpose's centre pixel may move by one under a symmetry: most vectors agree
         unit = maps[:2] / np.maximum(np.linalg.norm(maps[:2], axis=0), 1e-6)
@@ -98,9 +98,9 @@ def test_tta_turns_each_output_back() -> None:
     image, _ = image_and_cells()
     params = project_params("unet", target="flows", channels=1)
     post = project_params("postprocess.unet", min_size={"default": 5})
-    plain, _ = UNetPredictor(Rightwards("flows"), params, post, CPU).maps(image)
+    plain = UNetPredictor(Rightwards("flows"), params, post, CPU).outputs(image).maps
     np.testing.assert_allclose(plain[1], 1.0)
-    maps, _ = UNetPredictor(Rightwards("flows"), params, post, CPU, tta=True).maps(image)
+    maps = UNetPredictor(Rightwards("flows"), params, post, CPU, tta=True).outputs(image).maps
     np.testing.assert_allclose(maps[:2], 0.0, atol=1e-6)
 
 

@@ -30,6 +30,11 @@ def per_type(values: Mapping[str, V], name: str) -> V:
     return values[name] if name in values else values[DEFAULT]
 
 
+def by_type(values: Mapping[str, V]) -> dict[str, V]:
+    """A per-cell-type param spelt out: one entry per cell type."""
+    return {name: per_type(values, name) for name in CELL_TYPES}
+
+
 def by_category(values: Mapping[str, V], unknown: V) -> list[V]:
     """A per-cell-type param as a table indexed by category id; :data:`UNKNOWN_CLASS` gets ``unknown``."""
     return [unknown, *(per_type(values, name) for name in CELL_TYPES)]

@@ -23,7 +23,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     predict_images(
         args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
-        device=pick_device(args.device), tta=args.tta,
+        device=pick_device(args.device), tta=args.tta, postprocess=args.postprocess,
     )
 
 
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--tta", action="store_true",
         help="test-time augmentation: average the U-Net's outputs over the 8 flips and quarter turns (8× slower)",
+    )
+    predict.add_argument(
+        "--postprocess", default="auto", metavar="auto|stored|FILE",
+        help="post-processing: auto (the tune stage's postprocess.json beside --model when present, else the "
+        "values stored in the checkpoint), stored, or a tune stage's file",
     )
     predict.set_defaults(run=_predict)
     return parser

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from cellseg.celltypes import CELL_TYPES, DEFAULT
 from cellseg.errors import ParamsError, cut
@@ -47,10 +47,23 @@ def _check_cell_types(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _one_for_all(value: Any) -> Any:
+    """A per-cell-type param given as one value: the :data:`~cellseg.celltypes.DEFAULT` of every cell type."""
+    return value if isinstance(value, dict) else {DEFAULT: value}
+
+
 Device = Annotated[str, AfterValidator(_check_device)]
 Augment = Annotated[str, AfterValidator(_check_augment)]
-MinSize = Annotated[dict[str, Annotated[int, Field(ge=0, le=1_000_000)]], AfterValidator(_check_cell_types)]
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+# The post-processing values: each one a value, or one per cell type (PerType); the tune stage's search lists
+# hold the same kinds of values (Candidates).
+MinSize = Annotated[int, Field(ge=0, le=1_000_000)]  # pixels
+Score = Annotated[float, Field(ge=0.0, le=1.0)]
+CellprobThreshold = Annotated[float, Field(ge=-20.0, le=20.0)]  # a logit, as cellpose's
+FlowThreshold = Annotated[float, Field(ge=0.0, le=10.0)]  # 0: no flow-error check
+V = TypeVar("V")
+PerType = Annotated[dict[str, V], BeforeValidator(_one_for_all), AfterValidator(_check_cell_types)]
+Candidates = Annotated[list[V], Field(min_length=1, max_length=100)]
 
 
 class Section(BaseModel):
@@ -173,34 +186,65 @@ class TrainSection(Section):
 
 class UNetPostprocess(Section):
     """``postprocess.unet``: how the U-Net's outputs become instances: a watershed (target ``boundary``) or
-    cellpose's flow dynamics (target ``flows``)."""
+    cellpose's flow dynamics (target ``flows``); each value applies to the image's predicted cell type."""
 
-    marker_threshold: Probability
-    mask_threshold: Probability
-    cellprob_threshold: float = Field(ge=-20.0, le=20.0)  # a logit, as cellpose's
-    flow_threshold: float = Field(ge=0.0, le=10.0)  # 0: no flow-error check
-    min_size: MinSize
+    marker_threshold: PerType[Probability]
+    mask_threshold: PerType[Probability]
+    cellprob_threshold: PerType[CellprobThreshold]
+    flow_threshold: PerType[FlowThreshold]
+    min_size: PerType[MinSize]
 
 
 class MaskRCNNPostprocess(Section):
-    """``postprocess.maskrcnn``: which Mask R-CNN detections become instances."""
+    """``postprocess.maskrcnn``: which Mask R-CNN detections become instances; each value applies to the
+    detection's predicted class."""
 
-    mask_threshold: Probability
-    score_threshold: Annotated[dict[str, Annotated[float, Field(ge=0.0, le=1.0)]], AfterValidator(_check_cell_types)]
-    min_size: MinSize
+    mask_threshold: PerType[Probability]
+    score_threshold: PerType[Score]
+    min_size: PerType[MinSize]
 
 
 class PostprocessSection(Section):
     """``postprocess``: one block per model; read by its training's validation (which picks ``best.pt``), stored
-    in its checkpoints (``cellseg predict`` uses them) and read again by ``evaluate``."""
+    in its checkpoints (``cellseg predict`` uses them unless the tune stage's file is there), the tune stage's
+    starting point, and what ``evaluate`` uses with ``evaluate.postprocess: params``."""
 
     unet: UNetPostprocess
     maskrcnn: MaskRCNNPostprocess
 
 
-class EvaluateParams(Section):
-    """``evaluate``: how the evaluate stage runs the trained models."""
+class UNetSearch(Section):
+    """``tune.unet``: the values the tune stage tries for each cell type (those of the U-Net's target)."""
 
+    marker_threshold: Candidates[Probability]
+    mask_threshold: Candidates[Probability]
+    cellprob_threshold: Candidates[CellprobThreshold]
+    flow_threshold: Candidates[FlowThreshold]
+    min_size: Candidates[MinSize]
+
+
+class MaskRCNNSearch(Section):
+    """``tune.maskrcnn``: the values the tune stage tries for each cell type."""
+
+    mask_threshold: Candidates[Probability]
+    score_threshold: Candidates[Score]
+    min_size: Candidates[MinSize]
+
+
+class TuneParams(Section):
+    """``tune``: the search of each model's post-processing per cell type on the validation images."""
+
+    folds: int = Field(ge=2, le=100)  # the gain reported: each fold scored with values searched on the others
+    rounds: int = Field(ge=1, le=20)  # passes over every (value, cell type)
+    seed: Seed
+    unet: UNetSearch
+    maskrcnn: MaskRCNNSearch
+
+
+class EvaluateParams(Section):
+    """``evaluate``: how the evaluate stage (and the tune stage) run the trained models."""
+
+    postprocess: Literal["tuned", "params"]  # the tune stage's files, or the params' postprocess section
     tta: list[Literal["unet"]]  # models evaluated with test-time augmentation (only the U-Net has it)
 
 
@@ -221,6 +265,7 @@ SECTIONS: dict[str, type[Section]] = {
     "maskrcnn": MaskRCNNParams,
     "train": TrainSection,
     "postprocess": PostprocessSection,
+    "tune": TuneParams,
     "evaluate": EvaluateParams,
     "tracking": TrackingParams,
 }

@@ -37,20 +37,25 @@ def flows_from_labels(labels: np.ndarray) -> np.ndarray:
     return flows.astype(np.float32)
 
 
-def masks_from_flows(
-    flows: np.ndarray, cellprob: np.ndarray, *, cellprob_threshold: float, flow_threshold: float
-) -> np.ndarray:
-    """Instances (an integer label image, not yet relabelled) from network-scale flows (2, H, W; ×
-    :data:`FLOW_SCALE`) and cell-probability logits (H, W): cellpose's ``compute_masks``.
-
-    Pixels with a logit above ``cellprob_threshold`` follow the flows; ``flow_threshold`` > 0 drops cells
-    whose flows disagree with the flows of their own mask by more than it (cellpose's quality check; 0 skips
-    it, about 15× faster on the CPU).
-    """
+def masks_from_flows(flows: np.ndarray, cellprob: np.ndarray, *, cellprob_threshold: float) -> np.ndarray:
+    """Instances (a label image, labelled 1..n) from network-scale flows (2, H, W; × :data:`FLOW_SCALE`) and
+    cell-probability logits (H, W): cellpose's ``compute_masks``, without its flow-error check
+    (:func:`flow_errors`). Pixels with a logit above ``cellprob_threshold`` follow the flows."""
     return dynamics.compute_masks(
         flows.astype(np.float32), cellprob.astype(np.float32), niter=NITER, cellprob_threshold=cellprob_threshold,
-        flow_threshold=flow_threshold, min_size=-1, device=CPU,
+        flow_threshold=0.0, min_size=-1, device=CPU,
     )
+
+
+def flow_errors(masks: np.ndarray, flows: np.ndarray) -> np.ndarray:
+    """Each instance's flow error (instance k at label k + 1 of ``masks``, labelled 1..n): how far the network's
+    flows (network scale) are from the flows of the instance's own mask, cellpose's ``flow_error``. Cellpose's
+    ``flow_threshold`` drops the instances whose error is above it (0.4 by default; about 15× the time of
+    :func:`masks_from_flows` on the CPU)."""
+    if not masks.max(initial=0):
+        return np.zeros(0, dtype=np.float32)
+    errors, _ = dynamics.flow_error(masks, flows.astype(np.float32), device=CPU)
+    return np.asarray(errors, dtype=np.float32)
 
 
 def flows_file(flows_dir: Path, image_id: str) -> Path:

@@ -6,40 +6,65 @@ Label images are uint16, 0 = background, instances labelled 1..n.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
-from cellseg.flows import masks_from_flows
+from cellseg.flows import flow_errors, masks_from_flows
 from cellseg.instances import MAX_LABEL
 
 
 INTERIOR, BOUNDARY = 1, 2  # U-Net classes: 0 background, 1 cell interior, 2 cell boundary
+Memo = dict[tuple, Any]  # one image's intermediate results, by the step and the values they depend on
+
+
+def _memoized(memo: Memo | None, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or what it gave for ``key`` before, when a ``memo`` is kept."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
 
 
 def watershed_instances(
-    probs: np.ndarray, *, marker_threshold: float, mask_threshold: float, min_size: int
+    probs: np.ndarray, *, marker_threshold: float, mask_threshold: float, min_size: int, memo: Memo | None = None
 ) -> np.ndarray:
     """Instances from (3, H, W) background/interior/boundary probabilities by marker-controlled watershed.
 
     Markers: connected components of ``interior > marker_threshold``; they flood ``1 - interior`` within
-    ``interior + boundary > mask_threshold``; instances smaller than ``min_size`` pixels are dropped.
+    ``interior + boundary > mask_threshold``; instances smaller than ``min_size`` pixels are dropped. A ``memo``
+    (one per image) keeps the watershed of each pair of thresholds, for a search that comes back to them.
     """
-    interior = probs[INTERIOR]
-    markers, _ = ndi.label(interior > marker_threshold)
-    foreground = interior + probs[BOUNDARY] > mask_threshold
-    labels = watershed(1.0 - interior, markers, mask=foreground)
-    return _drop_small(labels, min_size)
+
+    def flood() -> np.ndarray:
+        interior = probs[INTERIOR]
+        markers, _ = ndi.label(interior > marker_threshold)
+        return watershed(1.0 - interior, markers, mask=interior + probs[BOUNDARY] > mask_threshold)
+
+    return _drop_small(_memoized(memo, ("watershed", marker_threshold, mask_threshold), flood), min_size)
 
 
 def flow_instances(
-    flows: np.ndarray, cellprob: np.ndarray, *, cellprob_threshold: float, flow_threshold: float, min_size: int
+    flows: np.ndarray, cellprob: np.ndarray, *, cellprob_threshold: float, flow_threshold: float, min_size: int,
+    memo: Memo | None = None,
 ) -> np.ndarray:
     """Instances from network-scale flows (2, H, W) and cell-probability logits (H, W) by cellpose's dynamics
-    (:func:`~cellseg.flows.masks_from_flows`); instances smaller than ``min_size`` pixels are dropped."""
-    masks = masks_from_flows(flows, cellprob, cellprob_threshold=cellprob_threshold, flow_threshold=flow_threshold)
+    (:func:`~cellseg.flows.masks_from_flows`), as cellpose's ``compute_masks`` makes them: with
+    ``flow_threshold`` > 0, instances whose :func:`~cellseg.flows.flow_errors` exceed it are dropped; then
+    those smaller than ``min_size`` pixels. A ``memo`` (one per image) keeps the dynamics and the flow errors
+    of each ``cellprob_threshold``, for a search that comes back to it."""
+    masks = _memoized(
+        memo, ("dynamics", cellprob_threshold),
+        lambda: masks_from_flows(flows, cellprob, cellprob_threshold=cellprob_threshold),
+    )
+    if flow_threshold > 0:
+        errors = _memoized(memo, ("flow_errors", cellprob_threshold), lambda: flow_errors(masks, flows))
+        bad = np.concatenate([[False], errors > flow_threshold])  # bad[label]
+        masks = np.where(bad[masks], 0, masks)
     return _drop_small(masks, min_size)
 
 

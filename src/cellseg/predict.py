@@ -5,7 +5,8 @@ Writes, in one directory (created atomically; an existing non-empty one is only 
 the predicted class and score per instance, plus the image list with each image's predicted cell type) and
 ``submission.csv`` in the Kaggle format (``id,predicted``:
 one row per instance, competition RLE, masks non-overlapping; an image with no instance gets one row with
-an empty prediction).
+an empty prediction). The post-processing is the tune stage's (``postprocess.json`` beside the checkpoint)
+when it is there.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from cellseg import rle
+from cellseg.checkpoint import load_checkpoint
 from cellseg.errors import DataError
-from cellseg.inference import coco_results, load_predictor
+from cellseg.inference import coco_results
+from cellseg.inference import predictor as model_predictor
 from cellseg.io import atomic_path, image_size, read_gray, write_json, write_png
 from cellseg.outputs import Kind, check_outputs
+from cellseg.registry import MODELS
+from cellseg.tune import TUNED_FILE, read_tuned
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,18 @@ def submission_rows(image_id: str, labels: np.ndarray) -> list[dict[str, str]]:
     return rows or [{"id": image_id, "predicted": ""}]
 
 
+def _postprocess(choice: str | Path, state: dict, checkpoint: Path) -> BaseModel | None:
+    """The post-processing ``predict_images``' ``postprocess`` names (None: the checkpoint's own)."""
+    if choice == "stored":
+        return None
+    path = checkpoint.parent / TUNED_FILE if choice == "auto" else Path(choice)
+    if choice == "auto" and not path.is_file():
+        log.info("post-processing: the values stored in %s (no %s beside it)", checkpoint, TUNED_FILE)
+        return None
+    log.info("post-processing: tuned, from %s", path)
+    return read_tuned(path, state, MODELS[state["model"]].postprocess)
+
+
 def predict_images(
     checkpoint: Path,
     inputs: Sequence[str | Path],
@@ -88,13 +106,17 @@ def predict_images(
     batch_size: int = 4,
     device: torch.device,
     tta: bool = False,
+    postprocess: str | Path = "auto",
 ) -> dict[str, int]:
     """Segment every input image (``tta``: with test-time augmentation) and write the outputs described in the
-    module docstring."""
+    module docstring. ``postprocess``: ``auto`` (the tune stage's file beside the checkpoint when there is one,
+    else the values stored in the checkpoint), ``stored``, or a tune stage's file."""
     out = Path(out)
-    check_outputs([(out, Kind.TREE)], [*map(Path, inputs), Path(checkpoint)], overwrite=overwrite)
+    named = [Path(postprocess)] if postprocess not in ("auto", "stored") else []
+    check_outputs([(out, Kind.TREE)], [*map(Path, inputs), Path(checkpoint), *named], overwrite=overwrite)
     paths = find_images(inputs)
-    predictor = load_predictor(checkpoint, device, tta=tta)
+    state = load_checkpoint(checkpoint)
+    predictor = model_predictor(state, checkpoint, device, _postprocess(postprocess, state, Path(checkpoint)), tta)
     images_meta, results, rows = [], [], []
     with atomic_path(out, directory=True) as tmp:
         (tmp / "labels").mkdir()

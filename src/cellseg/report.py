@@ -112,8 +112,10 @@ def write_report(
     image_ids: Sequence[str],
     plots: Mapping[str, Path],
     params: Mapping[str, Mapping[str, Any]],
+    postprocess: Mapping[str, str] = {},
 ) -> None:
-    """Write the comparison report; ``plots`` maps a caption to a PNG path, ``params`` a model to its params."""
+    """Write the comparison report; ``plots`` maps a caption to a PNG path, ``params`` a model to its params,
+    ``postprocess`` a model to where its post-processing values came from."""
     groups = ["all", *sorted({store.cell_type(i) for i in image_ids})]
     lines = [
         "# Model comparison",
@@ -126,6 +128,8 @@ def write_report(
         "included) is their own prediction.",
         "",
         comparison_table(evaluations, groups),
+        "",
+        *(f"- {MODELS[name].display}: post-processing {source}." for name, source in postprocess.items()),
         "",
         "## What each is good at",
         "",

@@ -13,9 +13,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from cellseg import config
+from cellseg.checkpoint import save_checkpoint
 from cellseg.decode import IMAGES_TABLE, INSTANCES_TABLE, decode_dataset
 from cellseg.flows import write_flows
 from cellseg.io import write_json, write_parquet
+from cellseg.models.unet import build_unet
 from cellseg.patches import sample_patches
 from cellseg.sources.kaggle import read_kaggle
 from cellseg.split import make_split
@@ -41,7 +44,12 @@ STAGE_ARGS: dict[str, list[str]] = {
         "--decoded", "decoded", "--split", "split.json", "--coco", "coco/coco_val.json",
         "--checkpoints", "models/unet/best.pt", "models/maskrcnn/best.pt",
         "--histories", "metrics/unet/epochs.csv", "metrics/maskrcnn/epochs.csv",
+        "--postprocess", "models/unet/postprocess.json", "models/maskrcnn/postprocess.json",
         "--metrics", "metrics/evaluate.json", "--plots", "plots", "--report", "reports/compare.md",
+    ],
+    "tune": [
+        "--decoded", "decoded", "--split", "split.json", "--checkpoint", "models/unet/best.pt",
+        "--out", "models/unet/postprocess.json", "--metrics", "metrics/unet/tune.json",
     ],
 }
 OUTPUTS: dict[str, list[str]] = {
@@ -55,6 +63,7 @@ OUTPUTS: dict[str, list[str]] = {
     "predict": ["pred"],
     "synth": ["synth"],
     "evaluate": ["metrics/evaluate.json", "plots", "reports/compare.md"],
+    "tune": ["models/unet/postprocess.json", "metrics/unet/tune.json"],
 }
 NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the stage runs
     "decode": (),
@@ -67,6 +76,7 @@ NEEDS: dict[str, tuple[str, ...]] = {  # good inputs made in-process before the 
     "predict": (),
     "synth": (),
     "evaluate": (),  # its cases fail on the command line's paths, before any input is read
+    "tune": ("decoded", "split", "checkpoint"),
 }
 
 
@@ -142,6 +152,13 @@ def prepare(w: World, stage: str) -> None:
             split["train"], size=32, jitter=0.5, per_cell=1, background_fraction=0.05, seed=0,
         )
         write_parquet(w.work / "patches.parquet", index)
+    if "checkpoint" in needs:  # an untrained U-Net of the params
+        params = config.section(w.params, "unet")
+        (w.work / "models" / "unet").mkdir(parents=True)
+        save_checkpoint(w.work / "models/unet/best.pt", "unet", {
+            "model_params": params.model_dump(), "postprocess": config.section(w.params, "postprocess").unet.model_dump(),
+            "model_state": build_unet(params).state_dict(), "epoch": 1,
+        })
     if "flows" in needs:  # the boundary target's: an empty folder
         write_flows(w.work / "decoded", [], w.work / "flows")
     if stage == "predict":

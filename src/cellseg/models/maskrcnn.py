@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -299,36 +300,62 @@ def paste_windows(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def score_floor(model: nn.Module, post: MaskRCNNPostprocess) -> None:
     """Drop detections under every class's ``score_threshold`` in the model itself, before its mask head and
-    full-size mask pasting (4× faster inference for a weak model on CPU); :func:`predict_instances` applies each
-    class's own threshold."""
+    full-size mask pasting (4× faster inference for a weak model on CPU); :func:`detection_instances` applies
+    each class's own threshold."""
     model.roi_heads.score_thresh = min(by_category(post.score_threshold, 1.0)[1:])
 
 
-def predict_instances(output: Mapping[str, torch.Tensor], post: MaskRCNNPostprocess) -> Instances:
-    """One image's Mask R-CNN output (``boxes``, ``labels``, ``scores``, ``masks`` N×1×H×W) → non-overlapping instances.
+@dataclass(frozen=True)
+class Detections:
+    """One image's Mask R-CNN detections before post-processing, by decreasing score: category ids, scores, the
+    :func:`paste_windows` (``x0, y0, x1, y1``) outside which their soft masks are zero, and the soft masks
+    inside them, as uint8 ``round(255 × probability)``."""
 
-    Keeps detections scoring at least their class's ``score_threshold``, binarises the soft masks at
-    ``mask_threshold`` inside their :func:`paste_windows` only (16 ms for 800 cells on a 704×520 image, where
-    whole-image masks took 1.6 s), gives shared pixels to the higher score, drops instances smaller than their
-    class's ``min_size`` and labels the rest 1..n by decreasing score (:class:`~cellseg.inference.Instances`).
-    """
-    thresholds = torch.tensor(by_category(post.score_threshold, math.inf), dtype=torch.float64)
-    min_sizes = np.array(by_category(post.min_size, 0))
+    shape: tuple[int, int]
+    classes: np.ndarray
+    scores: np.ndarray
+    windows: np.ndarray
+    masks: list[np.ndarray] = field(repr=False)
+
+
+def detections(output: Mapping[str, torch.Tensor]) -> Detections:
+    """One image's Mask R-CNN output (``boxes``, ``labels``, ``scores``, ``masks`` N×1×H×W) as :class:`Detections`:
+    only the masks' windows are read (16 ms for 800 cells on a 704×520 image, where whole-image masks took 1.6 s)."""
     classes = output["labels"].detach().cpu().long()
     scores = output["scores"].detach().cpu().float()
     if classes.numel() and (int(classes.min()) < 1 or int(classes.max()) > len(CELL_TYPES)):
         raise DataError(f"predicted category ids {classes.unique().tolist()} outside 1..{len(CELL_TYPES)}")
-    keep = scores.double() >= thresholds[classes]
-    order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)[: int(keep.sum())]
-    soft, cut = output["masks"].detach()[:, 0], post.mask_threshold
-    if soft.is_cuda:  # binarise on the GPU: bytes, not floats, cross to the host
-        soft, cut = (soft > cut).to(torch.uint8), 0
+    order = torch.argsort(scores, descending=True, stable=True).numpy()
+    soft = output["masks"].detach()[:, 0]
+    if soft.is_cuda:  # quantise on the GPU: bytes, not floats, cross to the host
+        soft = soft.mul(255).round_().to(torch.uint8)
     soft = soft.cpu().numpy()
-    order = order.numpy()
     windows = paste_windows(output["boxes"].detach().cpu().numpy()[order], soft.shape[1:])
-    crops = [soft[k, y0:y1, x0:x1] > cut for k, (x0, y0, x1, y1) in zip(order, windows)]
-    classes, scores = classes[order].numpy(), scores[order].numpy()
-    labels, kept = remove_overlaps(crops, scores, windows=windows, shape=soft.shape[1:])
+    masks = [_quantised(soft[k, y0:y1, x0:x1]) for k, (x0, y0, x1, y1) in zip(order, windows)]
+    return Detections(soft.shape[1:], classes.numpy()[order], scores.numpy()[order], windows, masks)
+
+
+def _quantised(probabilities: np.ndarray) -> np.ndarray:
+    """Mask probabilities as uint8 ``round(255 × p)`` (already so when quantised on the GPU)."""
+    if probabilities.dtype == np.uint8:
+        return probabilities.copy()
+    return np.rint(probabilities * 255).astype(np.uint8)
+
+
+def detection_instances(found: Detections, post: MaskRCNNPostprocess) -> Instances:
+    """Non-overlapping instances of one image's detections.
+
+    Keeps detections scoring at least their class's ``score_threshold``, binarises their soft masks at their
+    class's ``mask_threshold`` (to 1/255), gives shared pixels to the higher score, drops instances smaller than
+    their class's ``min_size`` and labels the rest 1..n by decreasing score (:class:`~cellseg.instances.Instances`).
+    """
+    thresholds = np.array(by_category(post.score_threshold, math.inf), dtype=np.float64)
+    cuts = 255 * np.array(by_category(post.mask_threshold, 1.0), dtype=np.float64)
+    min_sizes = np.array(by_category(post.min_size, 0))
+    keep = np.flatnonzero(found.scores >= thresholds[found.classes])
+    classes, scores = found.classes[keep], found.scores[keep]
+    crops = [found.masks[k] > cuts[c] for k, c in zip(keep, classes)]
+    labels, kept = remove_overlaps(crops, scores, windows=found.windows[keep], shape=found.shape)
     sizes = np.bincount(labels.ravel(), minlength=len(kept) + 1)[1:]
     big = np.flatnonzero(sizes >= min_sizes[classes[kept]])
     lut = np.zeros(len(kept) + 1, dtype=np.uint16)
@@ -336,6 +363,11 @@ def predict_instances(output: Mapping[str, torch.Tensor], post: MaskRCNNPostproc
     kept = kept[big]
     classes = classes[kept].astype(np.int64)
     return Instances(lut[labels], classes, scores[kept].astype(np.float32), image_class=majority_class(classes))
+
+
+def predict_instances(output: Mapping[str, torch.Tensor], post: MaskRCNNPostprocess) -> Instances:
+    """One image's Mask R-CNN output → non-overlapping instances (:func:`detections`, :func:`detection_instances`)."""
+    return detection_instances(detections(output), post)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,9 +437,11 @@ class MaskRCNNTask:
 
 
 class MaskRCNNPredictor:
-    """A trained Mask R-CNN as a :class:`cellseg.inference.Predictor`: whole images → classed instances."""
+    """A trained Mask R-CNN as a :class:`cellseg.inference.Predictor`: whole images → classed instances.
+    :meth:`outputs` and :meth:`instances` split :meth:`predict` in two, for the tune stage's search."""
 
     name = "maskrcnn"
+    post_fields = ("mask_threshold", "score_threshold", "min_size")
 
     def __init__(
         self, model: nn.Module, params: MaskRCNNParams, post: MaskRCNNPostprocess, device: torch.device,
@@ -421,9 +455,25 @@ class MaskRCNNPredictor:
         self.post = post
         self.device = device
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
-        """Instances of each uint8 H×W image, each cell with its predicted type."""
+    def _detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
             outputs = self.model([image_tensor(image).to(self.device) for image in images])
-            return [predict_instances(output, self.post) for output in outputs]
+            return [detections(output) for output in outputs]
+
+    def outputs(self, image: np.ndarray) -> Detections:
+        """The detections of one uint8 H×W image that score at least the lowest ``score_threshold`` given."""
+        return self._detect([image])[0]
+
+    @staticmethod
+    def cell_types(found: Detections) -> set[str]:
+        """The cell types whose post-processing values shape this image's instances: those of its detections."""
+        return {CELL_TYPES[c - 1] for c in np.unique(found.classes)}
+
+    def instances(self, found: Detections, post: MaskRCNNPostprocess) -> Instances:
+        """The instances of one image's detections with the post-processing values ``post``."""
+        return detection_instances(found, post)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        """Instances of each uint8 H×W image, each cell with its predicted type."""
+        return [detection_instances(found, self.post) for found in self._detect(images)]

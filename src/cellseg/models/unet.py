@@ -14,6 +14,7 @@ dict, or a dict with a ``"state_dict"`` / ``"model"`` entry holding one of those
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from cellseg.metrics import CompetitionScore, iou_dice
 from cellseg.celltypes import CELL_TYPES, category_id
 from cellseg.flows import SYMMETRIES
 from cellseg.models.unet_targets import unet_target
+from cellseg.postprocess import Memo
 
 PARAM = "unet.encoder_weights"
 BN_MOMENTUM = 0.1
@@ -140,8 +142,8 @@ class UNetTask:
     collate, val_collate = None, staticmethod(WholeImageDataset.collate)
 
     def __init__(self, params: UNetParams, post: UNetPostprocess, channels_last: bool) -> None:
-        self.params = params
-        self.target = unet_target(params, post)
+        self.params, self.post = params, post
+        self.target = unet_target(params)
         self.channels_last = channels_last
 
     def _forward(self, model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -203,7 +205,7 @@ class UNetTask:
                     for group in ("all", cell_type):
                         counts[group] = counts.get(group, 0) + found
                         typed[group] = typed.get(group, 0) + right
-                    labels = self.target.instances(maps[k, :, :height, :width], CELL_TYPES[predicted[k]])
+                    labels = self.target.instances(maps[k, :, :height, :width], self.post, CELL_TYPES[predicted[k]])
                     score.add(batch["labels"][k, :height, :width].numpy(), labels, group=cell_type)
         model.train()
         metrics = {"loss": loss_sum / max(n_images, 1)}
@@ -217,11 +219,27 @@ class UNetTask:
         return metrics
 
 
+@dataclass(frozen=True)
+class UNetOutputs:
+    """The network's outputs for one whole image, before post-processing: the target's (3, H, W) ``maps``, the
+    cell-type probabilities (one per ``CELL_TYPES``) and a ``memo`` of post-processing steps already taken."""
+
+    maps: np.ndarray
+    type_probs: np.ndarray
+    memo: Memo = field(default_factory=dict, repr=False)
+
+    @property
+    def cell_type(self) -> str:
+        """The image's predicted cell type."""
+        return CELL_TYPES[int(self.type_probs.argmax())]
+
+
 class UNetPredictor:
     """U-Net outputs → instances (:mod:`.unet_targets`), all of the image's predicted cell type.
 
     With ``tta``, the outputs are averaged over the 8 symmetries of the pixel grid (flips and quarter turns):
     each one's maps are moved back, their flow vectors turned back, before the mean (8× the network's time).
+    :meth:`outputs` and :meth:`instances` split :meth:`predict` in two, for the tune stage's search.
     """
 
     name = "unet"
@@ -233,19 +251,19 @@ class UNetPredictor:
         self.model = model.to(device).eval()
         self.params = params
         self.post = post
-        self.target = unet_target(params, post)
+        self.target = unet_target(params)
+        self.post_fields = self.target.post_fields
         self.device = device
         self.symmetries = SYMMETRIES if tta else SYMMETRIES[:1]
 
-    def maps(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The target's (3, H, W) output maps of one whole image and its cell-type probabilities (one per
-        ``CELL_TYPES``), averaged over the predictor's symmetries."""
+    def outputs(self, image: np.ndarray) -> UNetOutputs:
+        """The outputs of one whole image, averaged over the predictor's symmetries."""
         maps, types = 0.0, 0.0
         for symmetry in self.symmetries:
             moved, type_probs = self._maps(symmetry.apply(image))
             maps = maps + symmetry.inverse().apply(moved, vectors=self.target.vectors)
             types = types + type_probs
-        return maps / len(self.symmetries), types / len(self.symmetries)
+        return UNetOutputs(maps / len(self.symmetries), types / len(self.symmetries))
 
     @torch.inference_mode()
     def _maps(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -257,17 +275,22 @@ class UNetPredictor:
         maps = self.target.maps(logits)[0, :, :height, :width].cpu().numpy()
         return maps, type_logits.float().softmax(dim=1)[0].cpu().numpy()
 
+    @staticmethod
+    def cell_types(outputs: UNetOutputs) -> set[str]:
+        """The cell types whose post-processing values shape this image's instances: its predicted one."""
+        return {outputs.cell_type}
+
+    def instances(self, outputs: UNetOutputs, post: UNetPostprocess) -> Instances:
+        """The instances of one image's outputs with the post-processing values ``post``; each instance's score
+        is its mean per-pixel confidence."""
+        labels = self.target.instances(outputs.maps, post, outputs.cell_type, outputs.memo)
+        n = int(labels.max())
+        confidence = self.target.confidence(outputs.maps).ravel()
+        sums = np.bincount(labels.ravel(), weights=confidence, minlength=n + 1)[1:]
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        category = category_id(outputs.cell_type)
+        classes = np.full(n, category, dtype=np.int64)
+        return Instances(labels, classes, (sums / np.maximum(sizes, 1)).astype(np.float32), image_class=category)
+
     def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
-        results = []
-        for image in images:
-            maps, type_probs = self.maps(image)
-            type_index = int(type_probs.argmax())
-            labels = self.target.instances(maps, CELL_TYPES[type_index])
-            n = int(labels.max())
-            sums = np.bincount(labels.ravel(), weights=self.target.confidence(maps).ravel(), minlength=n + 1)[1:]
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-            scores = sums / np.maximum(sizes, 1)
-            category = category_id(CELL_TYPES[type_index])
-            classes = np.full(n, category, dtype=np.int64)
-            results.append(Instances(labels, classes, scores.astype(np.float32), image_class=category))
-        return results
+        return [self.instances(self.outputs(image), self.post) for image in images]

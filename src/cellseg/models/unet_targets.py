@@ -8,7 +8,8 @@
 
 Both have three output channels, so the network is the same. Each target makes an image's pixel targets from
 its label image, gives the loss, the foreground, the per-pixel confidence and the instances of its outputs,
-and says whether its maps hold vectors (which test-time augmentation turns).
+says which post-processing values it reads and whether its maps hold vectors (which test-time augmentation
+turns).
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from cellseg.celltypes import per_type
 from cellseg.config import UNetParams, UNetPostprocess
 from cellseg.data import IGNORE_INDEX, targets_from_labels
 from cellseg.flows import FLOW_SCALE, read_flows
-from cellseg.postprocess import INTERIOR, BOUNDARY, flow_instances, watershed_instances
+from cellseg.postprocess import INTERIOR, BOUNDARY, Memo, flow_instances, watershed_instances
 
 
 class BoundaryTarget:
     """Background, interior and boundary classes; a watershed makes the instances."""
 
     vectors = False
+    post_fields = ("marker_threshold", "mask_threshold", "min_size")  # the post-processing values it reads
 
-    def __init__(self, params: UNetParams, post: UNetPostprocess) -> None:
-        self.params, self.post = params, post
+    def __init__(self, params: UNetParams) -> None:
+        self.params = params
         self.dice_loss = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
 
     def pixel_targets(self, image_id: str, labels: np.ndarray) -> np.ndarray:
@@ -62,11 +64,12 @@ class BoundaryTarget:
         """Each pixel's probability of being a cell's."""
         return maps[INTERIOR] + maps[BOUNDARY]
 
-    def instances(self, maps: np.ndarray, cell_type: str) -> np.ndarray:
-        """The watershed's uint16 label image, with the minimum size of the (predicted) ``cell_type``."""
+    def instances(self, maps: np.ndarray, post: UNetPostprocess, cell_type: str, memo: Memo | None = None) -> np.ndarray:
+        """The watershed's uint16 label image, with ``post``'s values for the (predicted) ``cell_type``."""
         return watershed_instances(
-            maps, marker_threshold=self.post.marker_threshold, mask_threshold=self.post.mask_threshold,
-            min_size=per_type(self.post.min_size, cell_type),
+            maps, marker_threshold=per_type(post.marker_threshold, cell_type),
+            mask_threshold=per_type(post.mask_threshold, cell_type), min_size=per_type(post.min_size, cell_type),
+            memo=memo,
         )
 
 
@@ -74,9 +77,10 @@ class FlowTarget:
     """Cellpose's flows and cell probability; its dynamics make the instances."""
 
     vectors = True
+    post_fields = ("cellprob_threshold", "flow_threshold", "min_size")
 
-    def __init__(self, params: UNetParams, post: UNetPostprocess, flows_dir: Path | None = None) -> None:
-        self.params, self.post, self.flows_dir = params, post, flows_dir
+    def __init__(self, params: UNetParams, flows_dir: Path | None = None) -> None:
+        self.params, self.flows_dir = params, flows_dir
 
     def pixel_targets(self, image_id: str, labels: np.ndarray) -> np.ndarray:
         """The H×W×3 float16 map (5 dy, 5 dx, cell or not) of an image, from the flows stage's file."""
@@ -95,8 +99,8 @@ class FlowTarget:
         return {"flow_mse": mse / 2, "cellprob_bce": bce}
 
     def foreground(self, logits: torch.Tensor) -> torch.Tensor:
-        """Pixels whose cell-probability logit is above ``cellprob_threshold``."""
-        return logits[:, 2] > self.post.cellprob_threshold
+        """Pixels whose cell probability is above one half."""
+        return logits[:, 2] > 0
 
     def true_foreground(self, target: torch.Tensor) -> torch.Tensor:
         return target[:, 2] > 0.5
@@ -109,16 +113,17 @@ class FlowTarget:
         """Each pixel's probability of being a cell's."""
         return 1.0 / (1.0 + np.exp(-maps[2]))
 
-    def instances(self, maps: np.ndarray, cell_type: str) -> np.ndarray:
-        """Cellpose's dynamics' uint16 label image, with the minimum size of the (predicted) ``cell_type``."""
+    def instances(self, maps: np.ndarray, post: UNetPostprocess, cell_type: str, memo: Memo | None = None) -> np.ndarray:
+        """Cellpose's dynamics' uint16 label image, with ``post``'s values for the (predicted) ``cell_type``."""
         return flow_instances(
-            maps[:2], maps[2], cellprob_threshold=self.post.cellprob_threshold,
-            flow_threshold=self.post.flow_threshold, min_size=per_type(self.post.min_size, cell_type),
+            maps[:2], maps[2], cellprob_threshold=per_type(post.cellprob_threshold, cell_type),
+            flow_threshold=per_type(post.flow_threshold, cell_type), min_size=per_type(post.min_size, cell_type),
+            memo=memo,
         )
 
 
-def unet_target(params: UNetParams, post: UNetPostprocess, flows_dir: Path | None = None) -> BoundaryTarget | FlowTarget:
+def unet_target(params: UNetParams, flows_dir: Path | None = None) -> BoundaryTarget | FlowTarget:
     """The target ``params.target`` names (a flow target reads its training targets from ``flows_dir``)."""
     if params.target == "flows":
-        return FlowTarget(params, post, flows_dir)
-    return BoundaryTarget(params, post)
+        return FlowTarget(params, flows_dir)
+    return BoundaryTarget(params)
