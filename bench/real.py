@@ -10,7 +10,7 @@ as the ``evaluate`` stage does), in three parts:
 
 1. **real**: decode → split → patches → coco → flows → train_unet / train_maskrcnn, on the real images at
    ``--data`` (a Kaggle-format directory, read as it is), scored on its real validation fold with the params'
-   post-processing (with ``--tta``, the U-Net a second time with test-time augmentation: ``unet+tta``; with
+   post-processing (with ``--tta``, each model a second time with test-time augmentation: ``<model>+tta``; with
    ``--tune``, the tune stage runs and each model is scored again with its tuned file: ``<model>+tuned``, whose
    cross-validated gain the tune stage's metrics give);
 2. **synthetic**: the default synthetic pipeline (``params.yaml`` unchanged) up to the trained models;
@@ -181,9 +181,9 @@ def evaluate(
     params: Path, data: Path, models: Path, names: tuple[str, ...], tta: bool = False, tuned: bool = False
 ) -> dict[str, dict]:
     """Each model's checkpoint under ``models`` scored on the validation fold of ``data`` (a real pipeline's
-    work dir), with the post-processing of ``params``, as the ``evaluate`` stage does; with ``tta``, the U-Net
-    a second time with test-time augmentation (``unet+tta``); with ``tuned``, each model again with its tune
-    stage's file (``<model>+tuned``)."""
+    work dir), with the post-processing of ``params``, as the ``evaluate`` stage does; with ``tta``, each model
+    again with test-time augmentation (``<model>+tta``); with ``tuned``, each model again with its tune stage's
+    file (``<model>+tuned``)."""
     raw = config.read_params(params)
     val = json.loads((data / "split.json").read_text())["val"]
     store = ImageStore(Path(config.section(raw, "data").root), data / "decoded", val)
@@ -191,7 +191,7 @@ def evaluate(
     device = pick_device("auto")
     post = config.section(raw, "postprocess")
     runs = [(name, name, False, False) for name in names]
-    runs += [("unet+tta", "unet", True, False)] if tta and "unet" in names else []
+    runs += [(f"{name}+tta", name, True, False) for name in names] if tta else []
     runs += [(f"{name}+tuned", name, False, True) for name in names] if tuned else []
     results = {}
     for key, name, augmented, from_file in runs:
@@ -270,7 +270,7 @@ def main() -> None:
                         help="the models to train and score (default: unet; both where CUDA is present)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params change of the real run (dotted key, YAML value), e.g. unet.target=flows")
-    parser.add_argument("--tta", action="store_true", help="score the U-Net with test-time augmentation too")
+    parser.add_argument("--tta", action="store_true", help="score each model with test-time augmentation too")
     parser.add_argument("--tune", action="store_true", help="run the tune stage; score each model with its file too")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-only models (the transfer gap)")
     args = parser.parse_args()

@@ -1,8 +1,9 @@
-"""Test-time augmentation of the U-Net: outputs averaged over the 8 grid symmetries, moved and turned back."""
+"""Test-time augmentation: the U-Net's outputs averaged over the 8 grid symmetries, moved and turned back; Mask
+R-CNN's detections of the image's flips flipped back and fused."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,15 +11,12 @@ import torch
 from pydantic import ValidationError
 from scipy import ndimage
 
-from cellseg.checkpoint import save_checkpoint
-from cellseg.errors import ParamsError
 from cellseg.flows import FLOW_SCALE, flows_from_labels
-from cellseg.inference import load_predictor
-from cellseg.io import write_png
 from cellseg.metrics import CompetitionScore
-from cellseg.models.maskrcnn import build_maskrcnn
+from cellseg.models.detections import Detections
+from cellseg.models.maskrcnn import MaskRCNNPredictor
+from cellseg.models.maskrcnn_tta import FLIPS, flip_back, flipped, merge
 from cellseg.models.unet import UNetPredictor
-from cellseg.predict import predict_images
 from helpers.cells import cells
 from helpers.project import project_params
 
@@ -104,23 +102,72 @@ def test_tta_turns_each_output_back() -> None:
     np.testing.assert_allclose(maps[:2], 0.0, atol=1e-6)
 
 
-def test_mask_rcnn_refuses_tta(tmp_path: Path) -> None:
-    """Only the U-Net has test-time augmentation; asking it of a Mask R-CNN checkpoint is a clear error."""
-    params = project_params("maskrcnn", weights="none")
-    save_checkpoint(tmp_path / "m.pt", "maskrcnn", {
-        "model_params": params.model_dump(), "postprocess": project_params("postprocess.maskrcnn").model_dump(),
-        "model_state": build_maskrcnn(params).state_dict(), "epoch": 1,
-    })
-    with pytest.raises(ParamsError, match="Mask R-CNN has no test-time augmentation"):
-        load_predictor(tmp_path / "m.pt", CPU, tta=True)
-    (tmp_path / "images").mkdir()
-    write_png(tmp_path / "images" / "a.png", image_and_cells()[0])
-    with pytest.raises(ParamsError, match="Mask R-CNN has no test-time augmentation"):
-        predict_images(tmp_path / "m.pt", [tmp_path / "images"], tmp_path / "out", device=CPU, tta=True)
-    assert not (tmp_path / "out").exists()
+class SeesSquares(torch.nn.Module):
+    """A "Mask R-CNN" that finds each bright connected blob of its image: its box, a soft mask of 0.9 inside, class
+    2, score 0.8 + its size / 10⁴. It commutes with flips, as a good model nearly does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi_heads = SimpleNamespace(score_thresh=0.0)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for image in images:
+            blobs, n = ndimage.label(image[0].numpy() > 0.5)
+            masks = np.stack([(blobs == k + 1) * 0.9 for k in range(n)]).astype(np.float32)
+            boxes = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(blobs)]
+            outputs.append({
+                "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.full((n,), 2),
+                "scores": torch.from_numpy(0.8 + masks.astype(bool).sum(axis=(1, 2)) / 1e4).float(),
+                "masks": torch.from_numpy(masks)[:, None],
+            })
+        return outputs
+
+
+def squares() -> np.ndarray:
+    image = np.zeros((40, 56), dtype=np.uint8)
+    image[3:12, 4:20] = image[20:36, 30:41] = image[25:30, 5:9] = 255
+    return image
+
+
+def test_mask_rcnn_tta_of_a_model_that_commutes_with_flips_is_that_model() -> None:
+    """Each flip's detections flipped back fall on the plain ones: fused, they give the same cells and scores."""
+    params, post = project_params("maskrcnn"), project_params("postprocess.maskrcnn", min_size=1)
+    plain = MaskRCNNPredictor(SeesSquares(), params, post, CPU)
+    augmented = MaskRCNNPredictor(SeesSquares(), params, post, CPU, tta=True)
+    (found,), (merged,) = plain.predict([squares()]), augmented.predict([squares()])
+    assert len(found) == 3
+    np.testing.assert_array_equal(merged.labels, found.labels)
+    np.testing.assert_allclose(merged.scores, found.scores, rtol=1e-6)
+    views = [flip_back(plain.outputs(flipped(squares(), *flip)), *flip) for flip in FLIPS]
+    for view in views[1:]:
+        np.testing.assert_allclose(view.boxes, views[0].boxes)
+        assert all(np.array_equal(pasted(view, k), pasted(views[0], k)) for k in range(3))
+
+
+def pasted(found: Detections, k: int) -> np.ndarray:
+    """Detection ``k``'s soft mask on the whole image."""
+    x0, y0, x1, y1 = found.windows[k]
+    whole = np.zeros(found.shape, np.uint8)
+    whole[y0:y1, x0:x1] = found.masks[k]
+    return whole
+
+
+def test_fusion_averages_scores_over_views_and_masks_over_the_views_that_found_the_cell() -> None:
+    """A cell one view of four misses keeps its mask (the mean of the three that found it) and 3/4 of their
+    mean score, as weighted boxes fusion scores it."""
+    one = MaskRCNNPredictor(SeesSquares(), project_params("maskrcnn"), project_params("postprocess.maskrcnn"), CPU)
+    full = one.outputs(squares())
+    missing = Detections(full.shape, full.classes[1:], full.scores[1:], full.boxes[1:], full.windows[1:], full.masks[1:])
+    fused = merge([full, full, full, missing])
+    assert len(fused.scores) == 3
+    for k in range(3):
+        (j,) = np.flatnonzero(np.abs(fused.boxes - full.boxes[k]).max(axis=1) < 1e-3)  # the same box
+        np.testing.assert_allclose(fused.scores[j], full.scores[k] * (3 / 4 if k == 0 else 1), rtol=1e-6)
+        np.testing.assert_array_equal(pasted(fused, j), pasted(full, k))
 
 
 def test_evaluate_tta_names_only_models_that_have_it() -> None:
-    assert project_params("evaluate", tta=["unet"]).tta == ["unet"]
-    with pytest.raises(ValidationError, match="Input should be .unet."):
-        project_params("evaluate", tta=["maskrcnn"])
+    assert project_params("evaluate", tta=["unet", "maskrcnn"]).tta == ["unet", "maskrcnn"]
+    with pytest.raises(ValidationError, match="Input should be 'unet' or 'maskrcnn'"):
+        project_params("evaluate", tta=["cellpose"])

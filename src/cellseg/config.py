@@ -245,7 +245,7 @@ class EvaluateParams(Section):
     """``evaluate``: how the evaluate stage (and the tune stage) run the trained models."""
 
     postprocess: Literal["tuned", "params"]  # the tune stage's files, or the params' postprocess section
-    tta: list[Literal["unet"]]  # models evaluated with test-time augmentation (only the U-Net has it)
+    tta: list[Literal["unet", "maskrcnn"]]  # models evaluated (and tuned) with test-time augmentation
 
 
 class TrackingParams(Section):

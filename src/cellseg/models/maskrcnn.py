@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +46,8 @@ from cellseg.decode import INSTANCES_TABLE, instance_pixels
 from cellseg.errors import DataError, ParamsError, ResourceError
 from cellseg.instances import Instances, majority_class
 from cellseg.metrics import CompetitionScore
+from cellseg.models.detections import Detections
+from cellseg.models.maskrcnn_tta import tta_detections
 from cellseg.postprocess import remove_overlaps
 
 log = logging.getLogger(__name__)
@@ -305,19 +306,6 @@ def score_floor(model: nn.Module, post: MaskRCNNPostprocess) -> None:
     model.roi_heads.score_thresh = min(by_category(post.score_threshold, 1.0)[1:])
 
 
-@dataclass(frozen=True)
-class Detections:
-    """One image's Mask R-CNN detections before post-processing, by decreasing score: category ids, scores, the
-    :func:`paste_windows` (``x0, y0, x1, y1``) outside which their soft masks are zero, and the soft masks
-    inside them, as uint8 ``round(255 × probability)``."""
-
-    shape: tuple[int, int]
-    classes: np.ndarray
-    scores: np.ndarray
-    windows: np.ndarray
-    masks: list[np.ndarray] = field(repr=False)
-
-
 def detections(output: Mapping[str, torch.Tensor]) -> Detections:
     """One image's Mask R-CNN output (``boxes``, ``labels``, ``scores``, ``masks`` N×1×H×W) as :class:`Detections`:
     only the masks' windows are read (16 ms for 800 cells on a 704×520 image, where whole-image masks took 1.6 s)."""
@@ -330,9 +318,10 @@ def detections(output: Mapping[str, torch.Tensor]) -> Detections:
     if soft.is_cuda:  # quantise on the GPU: bytes, not floats, cross to the host
         soft = soft.mul(255).round_().to(torch.uint8)
     soft = soft.cpu().numpy()
-    windows = paste_windows(output["boxes"].detach().cpu().numpy()[order], soft.shape[1:])
+    boxes = output["boxes"].detach().cpu().numpy().astype(np.float64)[order]
+    windows = paste_windows(boxes, soft.shape[1:])
     masks = [_quantised(soft[k, y0:y1, x0:x1]) for k, (x0, y0, x1, y1) in zip(order, windows)]
-    return Detections(soft.shape[1:], classes.numpy()[order], scores.numpy()[order], windows, masks)
+    return Detections(soft.shape[1:], classes.numpy()[order], scores.numpy()[order], boxes, windows, masks)
 
 
 def _quantised(probabilities: np.ndarray) -> np.ndarray:
@@ -437,7 +426,8 @@ class MaskRCNNTask:
 
 
 class MaskRCNNPredictor:
-    """A trained Mask R-CNN as a :class:`cellseg.inference.Predictor`: whole images → classed instances.
+    """A trained Mask R-CNN as a :class:`cellseg.inference.Predictor`: whole images → classed instances; with
+    ``tta``, the detections of the image and its flips merged (:mod:`.maskrcnn_tta`, 4× the time).
     :meth:`outputs` and :meth:`instances` split :meth:`predict` in two, for the tune stage's search."""
 
     name = "maskrcnn"
@@ -447,13 +437,12 @@ class MaskRCNNPredictor:
         self, model: nn.Module, params: MaskRCNNParams, post: MaskRCNNPostprocess, device: torch.device,
         tta: bool = False,
     ) -> None:
-        if tta:
-            raise ParamsError("Mask R-CNN has no test-time augmentation yet: only the U-Net's outputs can be averaged")
         self.model = model.to(device).eval()
         score_floor(self.model, post)
         self.params = params
         self.post = post
         self.device = device
+        self.tta = tta
 
     def _detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         cuda = self.device.type == "cuda"
@@ -463,6 +452,8 @@ class MaskRCNNPredictor:
 
     def outputs(self, image: np.ndarray) -> Detections:
         """The detections of one uint8 H×W image that score at least the lowest ``score_threshold`` given."""
+        if self.tta:
+            return tta_detections(lambda moved: self._detect([moved])[0], image)
         return self._detect([image])[0]
 
     @staticmethod
@@ -476,4 +467,5 @@ class MaskRCNNPredictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
         """Instances of each uint8 H×W image, each cell with its predicted type."""
-        return [detection_instances(found, self.post) for found in self._detect(images)]
+        found = [self.outputs(image) for image in images] if self.tta else self._detect(images)
+        return [detection_instances(f, self.post) for f in found]
