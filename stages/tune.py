@@ -18,7 +18,7 @@ from cellseg.inference import predictor
 from cellseg.io import write_json
 from cellseg.outputs import Kind
 from cellseg.stage import In, Out, guarded, stage_args
-from cellseg.tune import tune, tuning_metrics, write_tuning
+from cellseg.tune import loosest, tune, tuning_metrics, write_tuning
 
 log = logging.getLogger("cellseg.tune")
 
@@ -40,12 +40,12 @@ def main() -> None:
     device = pick_device(getattr(config.section(raw, "train", path=args.params), name).device)
     post = getattr(config.section(raw, "postprocess", path=args.params), name)
     grid = getattr(search, name).model_dump()
-    model = predictor(state, args.checkpoint, device, post, tta=tta)
+    model = predictor(state, args.checkpoint, device, loosest(post, grid), tta=tta)  # outputs for every candidate
     val = json.loads(args.split.read_text())["val"]
     images = pd.read_parquet(args.decoded / IMAGES_TABLE, columns=["image_id", "sample_id", "cell_type"])
     images = images.drop_duplicates("image_id").set_index("image_id").loc[val].reset_index()
     store = ImageStore(Path(data.root), args.decoded, val)
-    tuning = tune(model, store, images, grid, rounds=search.rounds, folds=search.folds, seed=search.seed)
+    tuning = tune(model, store, images, post, grid, rounds=search.rounds, folds=search.folds, seed=search.seed)
     settings = {"grid": {f: grid[f] for f in model.post_fields}, "rounds": search.rounds, "folds": search.folds,
                 "seed": search.seed}
     write_tuning(args.out, tuning, state, tta=tta, search=settings)

@@ -13,7 +13,7 @@ import torch
 from cellseg.config import UNetPostprocess
 from cellseg.errors import DataError
 from cellseg.instances import Instances
-from cellseg.tune import read_tuned, tune, tuned_summary, tuning_metrics, write_tuning
+from cellseg.tune import loosest, read_tuned, tune, tuned_summary, tuning_metrics, write_tuning
 from helpers.project import project_params
 
 SIZE = 64
@@ -93,8 +93,8 @@ def test_the_search_finds_each_cell_types_own_value_and_reports_the_gain() -> No
     """Debris of 4, 81 and 9 px against cells of 36, 256 and 64 px: the values that drop the debris alone are found
     per type (the first of equal candidates, from the start, is kept), and scores go from < 1 to 1."""
     store, images = _world()
-    predictor = Debris(store, project_params("postprocess.unet", min_size={"default": 0}))
-    tuning = tune(predictor, store, images, GRID, rounds=2, folds=3, seed=0)
+    start = project_params("postprocess.unet", min_size={"default": 0})
+    tuning = tune(Debris(store, loosest(start, GRID)), store, images, start, GRID, rounds=2, folds=3, seed=0)
     assert tuning.post.min_size == {"shsy5y": 10, "astro": 100, "cort": 10}
     assert tuning.scores["tuned"] == {"all": 1.0, "shsy5y": 1.0, "astro": 1.0, "cort": 1.0}
     assert tuning.scores["cross_validated"]["all"] == 1.0  # every fold finds values that drop the debris alone
@@ -109,18 +109,27 @@ def test_ties_keep_the_params_value_and_scores_are_computed_once() -> None:
     revisited set of values is not post-processed again."""
     store, images = _world(n_per_type=3)
     start = project_params("postprocess.unet", min_size={"shsy5y": 20, "astro": 150, "cort": 40})  # already right
-    predictor = Debris(store, start)
-    tuning = tune(predictor, store, images, GRID, rounds=3, folds=3, seed=0)
+    predictor = Debris(store, loosest(start, GRID))
+    tuning = tune(predictor, store, images, start, GRID, rounds=3, folds=3, seed=0)
     assert tuning.post.min_size == {"shsy5y": 20, "astro": 150, "cort": 40}
     assert tuning.scores["params"] == tuning.scores["tuned"] == tuning.scores["cross_validated"]
     distinct = len(images) * (len(GRID["min_size"]) + 1)  # each image: the start and every candidate
     assert predictor.calls <= distinct
 
 
+def test_the_loosest_values_are_each_fields_smallest_candidate_for_every_type() -> None:
+    """What the tune stage makes its predictor with: Mask R-CNN's score floor then keeps every candidate's detections."""
+    post = project_params("postprocess.maskrcnn", score_threshold={"astro": 0.5, "default": 0.3})
+    floor = loosest(post, {"score_threshold": [0.2, 0.05, 0.4], "min_size": [30, 10]})
+    assert floor.score_threshold == {"default": 0.05} and floor.min_size == {"default": 10}
+    assert floor.mask_threshold == post.mask_threshold
+
+
 def test_too_few_samples_for_the_folds_is_a_clear_error() -> None:
     store, images = _world(n_per_type=1)
     with pytest.raises(DataError, match="3 validation images hold 3 sample.*too few for tune.folds 4; lower tune.folds"):
-        tune(Debris(store, project_params("postprocess.unet")), store, images, GRID, rounds=1, folds=4, seed=0)
+        post = project_params("postprocess.unet")
+        tune(Debris(store, post), store, images, post, GRID, rounds=1, folds=4, seed=0)
 
 
 def _state(weight: float = 1.0) -> dict:
@@ -129,7 +138,8 @@ def _state(weight: float = 1.0) -> dict:
 
 def test_the_tuned_file_is_read_for_its_own_checkpoint_only(tmp_path: Path) -> None:
     store, images = _world(n_per_type=3)
-    tuning = tune(Debris(store, project_params("postprocess.unet")), store, images, GRID, rounds=1, folds=3, seed=0)
+    post = project_params("postprocess.unet")
+    tuning = tune(Debris(store, post), store, images, post, GRID, rounds=1, folds=3, seed=0)
     path = tmp_path / "postprocess.json"
     write_tuning(path, tuning, _state(), tta=False, search={"grid": GRID})
     assert read_tuned(path, _state(), UNetPostprocess) == tuning.post

@@ -27,7 +27,7 @@ import pandas as pd
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
-from cellseg.celltypes import CELL_TYPES, by_type
+from cellseg.celltypes import CELL_TYPES, DEFAULT, by_type
 from cellseg.checkpoint import content_hash
 from cellseg.data import ImageStore
 from cellseg.errors import DataError
@@ -46,7 +46,6 @@ class Tunable(Protocol):
     """A predictor whose inference splits into network outputs and post-processing."""
 
     name: str
-    post: BaseModel
     post_fields: tuple[str, ...]  # the post-processing values it reads
 
     def outputs(self, image: np.ndarray) -> Any:
@@ -122,17 +121,23 @@ def coordinate_search(
     return _with(start, values)
 
 
+def loosest(post: BaseModel, grid: Mapping[str, Sequence[Any]]) -> BaseModel:
+    """``post`` with each value of ``grid`` at its smallest candidate for every cell type: a predictor made with it
+    gives outputs that hold whatever a candidate can keep (Mask R-CNN's score floor; the U-Net's outputs do not
+    depend on it)."""
+    return post.model_copy(update={field: {DEFAULT: min(candidates)} for field, candidates in grid.items()})
+
+
 def tune(
-    predictor: Tunable, store: ImageStore, images: pd.DataFrame, grid: Mapping[str, Sequence[Any]], *, rounds: int,
-    folds: int, seed: int,
+    predictor: Tunable, store: ImageStore, images: pd.DataFrame, start: BaseModel, grid: Mapping[str, Sequence[Any]],
+    *, rounds: int, folds: int, seed: int,
 ) -> Tuning:
-    """Search ``predictor``'s post-processing (its ``post`` is the start; ``grid`` the candidates of each of its
-    ``post_fields``) on the validation ``images`` (``image_id``, ``sample_id``, ``cell_type`` rows), scoring them
-    against ``store``'s label images."""
+    """Search ``predictor``'s post-processing from ``start``, over ``grid``'s candidates for each of its
+    ``post_fields``, on the validation ``images`` (``image_id``, ``sample_id``, ``cell_type`` rows), scoring them
+    against ``store``'s label images. Make ``predictor`` with :func:`loosest`."""
     grid = {field: list(grid[field]) for field in predictor.post_fields}
     image_ids = list(images["image_id"])
     scores = _Scores(predictor, store, image_ids)
-    start = predictor.post
     start_values = {field: by_type(getattr(start, field)) for field in grid}
     if (groups := sample_groups(images).nunique()) < folds:
         raise DataError(f"tune: the {len(images)} validation images hold {groups} sample(s), too few for "
