@@ -135,13 +135,13 @@ def tune(
     """Search ``predictor``'s post-processing from ``start``, over ``grid``'s candidates for each of its
     ``post_fields``, on the validation ``images`` (``image_id``, ``sample_id``, ``cell_type`` rows), scoring them
     against ``store``'s label images. Make ``predictor`` with :func:`loosest`."""
+    if (groups := sample_groups(images).nunique()) < folds:
+        raise DataError(f"tune: the {len(images)} validation images hold {groups} sample(s), too few for "
+                        f"tune.folds {folds}; lower tune.folds")
     grid = {field: list(grid[field]) for field in predictor.post_fields}
     image_ids = list(images["image_id"])
     scores = _Scores(predictor, store, image_ids)
     start_values = {field: by_type(getattr(start, field)) for field in grid}
-    if (groups := sample_groups(images).nunique()) < folds:
-        raise DataError(f"tune: the {len(images)} validation images hold {groups} sample(s), too few for "
-                        f"tune.folds {folds}; lower tune.folds")
     fold_of = dict(zip(image_ids, assign_folds(images.reset_index(drop=True), folds, seed)))
     out_of_fold: dict[str, float] = {}
     fold_records = []
