@@ -38,7 +38,7 @@ in a temporary working directory and asserts:
   flows the flows stage did not compute (train_unet).
 * Per-cell-type params (2): ``postprocess.unet.min_size`` naming an unknown cell type (train_unet),
   ``postprocess.maskrcnn.score_threshold`` covering not every cell type and without ``default`` (train_maskrcnn).
-* The tune stage (3): ``tune.folds`` more than the validation images' samples, a candidate out of its
+* The tune stage (3): ``tune.folds`` more than the validation images, a candidate out of its
   value's range, an empty list of candidates.
 * Checkpoints (11): ``cellseg predict --model`` with a foreign torch file, a truncated cellseg checkpoint,
   a cellseg checkpoint without weights or params, and one whose weights do not fit its model; the
@@ -466,7 +466,7 @@ CASES: list[Case] = [
     Case("score-threshold-not-every-cell-type", "train_maskrcnn", param("postprocess.maskrcnn.score_threshold", {"shsy5y": 0.3}),
          ("params.yaml", "postprocess.maskrcnn.score_threshold", "no entry for astro, cort and no 'default'")),
     # --- the tune stage ---
-    Case("tune-folds-beyond-samples", "tune", param("tune.folds", 20), ("tune: the", "too few for tune.folds 20; lower tune.folds")),
+    Case("tune-folds-beyond-images", "tune", param("tune.folds", 20), ("tune: the", "validation images are too few for tune.folds 20; lower tune.folds")),
     Case("tune-candidate-out-of-range", "tune", param("tune.unet.min_size", [0, -5]),
          ("params.yaml", "tune.unet.min_size.1", "greater than or equal to 0", "(got -5)")),
     Case("tune-no-candidates", "tune", param("tune.unet.flow_threshold", []),

@@ -125,10 +125,13 @@ def test_the_loosest_values_are_each_fields_smallest_candidate_for_every_type() 
     assert floor.mask_threshold == post.mask_threshold
 
 
-def test_too_few_samples_for_the_folds_is_a_clear_error() -> None:
-    store, images = _world(n_per_type=1)
-    with pytest.raises(DataError, match="3 validation images hold 3 sample.*too few for tune.folds 4; lower tune.folds"):
-        post = project_params("postprocess.unet")
+def test_fewer_samples_than_folds_make_folds_of_images_and_too_few_images_are_a_clear_error(caplog) -> None:
+    store, images = _world(n_per_type=1)  # 3 images, 3 samples
+    post = project_params("postprocess.unet")
+    one_sample = images.assign(sample_id="well-1")
+    tuning = tune(Debris(store, post), store, one_sample, post, GRID, rounds=1, folds=3, seed=0)
+    assert sorted(len(f["images"]) for f in tuning.folds) == [1, 1, 1] and "folds are of images" in caplog.text
+    with pytest.raises(DataError, match="the 3 validation images are too few for tune.folds 4; lower tune.folds"):
         tune(Debris(store, post), store, images, post, GRID, rounds=1, folds=4, seed=0)
 
 

@@ -135,9 +135,15 @@ def tune(
     """Search ``predictor``'s post-processing from ``start``, over ``grid``'s candidates for each of its
     ``post_fields``, on the validation ``images`` (``image_id``, ``sample_id``, ``cell_type`` rows), scoring them
     against ``store``'s label images. Make ``predictor`` with :func:`loosest`."""
+    if len(images) < folds:
+        raise DataError(f"tune: the {len(images)} validation images are too few for tune.folds {folds}; lower tune.folds")
     if (groups := sample_groups(images).nunique()) < folds:
-        raise DataError(f"tune: the {len(images)} validation images hold {groups} sample(s), too few for "
-                        f"tune.folds {folds}; lower tune.folds")
+        log.warning(
+            "tune: the %d validation images hold %d sample(s), fewer than tune.folds %d: the folds are of images, "
+            "not samples (images of one sample fall in several folds: the cross-validated gain is optimistic)",
+            len(images), groups, folds,
+        )
+        images = images.assign(sample_id=images["image_id"])
     grid = {field: list(grid[field]) for field in predictor.post_fields}
     image_ids = list(images["image_id"])
     scores = _Scores(predictor, store, image_ids)
