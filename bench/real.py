@@ -54,7 +54,6 @@ from cellseg.data import ImageStore  # noqa: E402
 from cellseg.evaluate import evaluate_predictor  # noqa: E402
 from cellseg.checkpoint import load_checkpoint  # noqa: E402
 from cellseg.inference import predictor  # noqa: E402
-from cellseg.registry import MODELS as REGISTRY  # noqa: E402
 from cellseg.tune import TUNED_FILE, read_tuned  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
 from cellseg.devices import pick_device  # noqa: E402
@@ -199,7 +198,7 @@ def evaluate(
         began = time.perf_counter()
         checkpoint = models / name / "best.pt"
         state = load_checkpoint(checkpoint)
-        model_post = read_tuned(models / name / TUNED_FILE, state, REGISTRY[name].postprocess) if from_file else None
+        model_post = read_tuned(models / name / TUNED_FILE, state) if from_file else None
         model = predictor(state, checkpoint, device, model_post or getattr(post, name), tta=augmented)
         results[key] = evaluate_predictor(model, store, val, coco_gt).metrics
         print(f"{time.perf_counter() - began:.0f} s", flush=True)

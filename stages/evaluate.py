@@ -17,7 +17,6 @@ from cellseg.evaluate import evaluate_predictor
 from cellseg.inference import predictor
 from cellseg.io import write_json
 from cellseg.outputs import Kind
-from cellseg.registry import MODELS
 from cellseg.report import write_plots, write_report
 from cellseg.tracking import open_tracker
 from cellseg.tune import read_tuned, tuned_summary
@@ -61,7 +60,7 @@ def main() -> None:
         checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
         device = pick_device(getattr(train, name).device)  # each model on its own train.<model>.device
         if settings.postprocess == "tuned":
-            model_post = read_tuned(tuned, checkpoint, MODELS[name].postprocess)
+            model_post = read_tuned(tuned, checkpoint)
             sources[name] = tuned_summary(tuned)
         else:
             model_post = getattr(post, name)

@@ -145,18 +145,18 @@ def test_the_tuned_file_is_read_for_its_own_checkpoint_only(tmp_path: Path) -> N
     tuning = tune(Debris(store, post), store, images, post, GRID, rounds=1, folds=3, seed=0)
     path = tmp_path / "postprocess.json"
     write_tuning(path, tuning, _state(), tta=False, search={"grid": GRID})
-    assert read_tuned(path, _state(), UNetPostprocess) == tuning.post
+    assert read_tuned(path, _state()) == tuning.post
     record = json.loads(path.read_text())
     assert record["map"]["tuned"]["all"] == tuning.scores["tuned"]["all"] and record["search"] == {"grid": GRID}
     assert f"{tuning.scores['cross_validated']['all']:.3f} cross-validated" in tuned_summary(path)
     with pytest.raises(DataError, match="tuned for another checkpoint .*rerun the tune stage"):
-        read_tuned(path, _state(weight=2.0), UNetPostprocess)
+        read_tuned(path, _state(weight=2.0))
     with pytest.raises(DataError, match="tuned for model 'unet', not for this maskrcnn checkpoint"):
-        read_tuned(path, {**_state(), "model": "maskrcnn"}, UNetPostprocess)
+        read_tuned(path, {**_state(), "model": "maskrcnn"})
     record["postprocess"]["min_size"] = {"default": -1}
     path.write_text(json.dumps(record))
     with pytest.raises(DataError, match=r"postprocess.min_size.default: Input should be greater than or equal to 0"):
-        read_tuned(path, _state(), UNetPostprocess)
+        read_tuned(path, _state())
     path.write_text("{not json")
     with pytest.raises(DataError, match="not a readable tuned post-processing file"):
-        read_tuned(path, _state(), UNetPostprocess)
+        read_tuned(path, _state())

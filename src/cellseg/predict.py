@@ -28,7 +28,6 @@ from cellseg.inference import coco_results
 from cellseg.inference import predictor as model_predictor
 from cellseg.io import atomic_path, image_size, read_gray, write_json, write_png
 from cellseg.outputs import Kind, check_outputs
-from cellseg.registry import MODELS
 from cellseg.tune import TUNED_FILE, read_tuned
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ def _postprocess(choice: str | Path, state: dict, checkpoint: Path) -> BaseModel
         log.info("post-processing: the values stored in %s (no %s beside it)", checkpoint, TUNED_FILE)
         return None
     log.info("post-processing: tuned, from %s", path)
-    return read_tuned(path, state, MODELS[state["model"]].postprocess)
+    return read_tuned(path, state)
 
 
 def predict_images(

@@ -34,6 +34,7 @@ from cellseg.errors import DataError
 from cellseg.instances import Instances
 from cellseg.io import write_json
 from cellseg.metrics import image_score
+from cellseg.registry import MODELS
 from cellseg.split import assign_folds, sample_groups
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,9 @@ def tuning_metrics(tuning: Tuning) -> dict[str, float]:
     return metrics
 
 
-def read_tuned(path: Path, state: Mapping[str, Any], postprocess: type[BaseModel]) -> BaseModel:
-    """The post-processing a tune stage file holds for the loaded checkpoint ``state``; a file of another model or
+def read_tuned(path: Path, state: Mapping[str, Any]) -> BaseModel:
+    """The post-processing a tune stage file holds for the loaded checkpoint ``state`` (as its model's
+    post-processing params, :mod:`cellseg.registry`); a file of another model or
     another checkpoint (retrained since), or one that is not such a file, raises :class:`DataError`."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -221,7 +223,7 @@ def read_tuned(path: Path, state: Mapping[str, Any], postprocess: type[BaseModel
     if record["checkpoint_sha256"] != content_hash(state):
         raise DataError(f"{path}: tuned for another checkpoint (the model was trained again since); rerun the tune stage")
     try:
-        return postprocess.model_validate(record["postprocess"])
+        return MODELS[state["model"]].postprocess.model_validate(record["postprocess"])
     except ValidationError as exc:
         error = exc.errors()[0]
         raise DataError(f"{path}: postprocess.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
