@@ -11,18 +11,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import roifile
+import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from skimage.measure import regionprops_table
 from torch import nn
 
 from cellseg import rle
 from cellseg.celltypes import CELL_TYPES, category_id
 from cellseg.checkpoint import content_hash, load_checkpoint, save_checkpoint
-from cellseg.cli import build_parser
+from cellseg.cli import build_parser, main
 from cellseg.errors import DataError
 from cellseg.inference import load_predictor
-from cellseg.io import MARKER, read_labels
+from cellseg.io import MARKER
 from cellseg.models.unet import UNetPredictor, build_unet
 from cellseg.predict import predict_images, submission_rows
 from cellseg.tune import TUNED_FILE
@@ -70,7 +73,7 @@ def test_predict_writes_labels_coco_and_submission(checkpoint: Path, images: Pat
     out = tmp_path / "out"
     summary = predict_images(checkpoint, [images], out, device=CPU, batch_size=2)
     assert summary["images"] == 3
-    assert sorted(p.name for p in (out / "labels").iterdir()) == ["a.png", "b.png", "c.png"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["a.tif", "b.tif", "c.tif"]
     submission = pd.read_csv(out / "submission.csv", keep_default_na=False)
     assert list(submission.columns) == ["id", "predicted"] and set(submission["id"]) == {"a", "b", "c"}
     coco = json.loads((out / "predictions.json").read_text())
@@ -79,7 +82,7 @@ def test_predict_writes_labels_coco_and_submission(checkpoint: Path, images: Pat
     category = {image["id"]: CELL_TYPES.index(image["cell_type"]) + 1 for image in coco["images"]}  # predicted
     assert all(a["category_id"] == category[a["image_id"]] for a in coco["annotations"])
     for image_id, rows in submission.groupby("id"):
-        labels = read_labels(out / "labels" / f"{image_id}.png")
+        labels = tifffile.imread(out / "labels" / f"{image_id}.tif")
         masks = [rle.decode(p, labels.shape) for p in rows["predicted"] if p]
         assert len(masks) == int(labels.max())
         if masks:
@@ -137,8 +140,8 @@ def test_existing_output_is_kept_unless_overwrite(checkpoint: Path, images: Path
     with pytest.raises(DataError, match="already exists and is not empty; pass --overwrite"):
         predict_images(checkpoint, [images / "a.png"], out, device=CPU)
     assert len(pd.read_csv(out / "submission.csv")["id"].unique()) == 3
-    predict_images(checkpoint, [images / "a.png"], out, device=CPU, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "labels", "predictions.json", "submission.csv"]
+    predict_images(checkpoint, [images / "a.png"], out, device=CPU, overwrite=True, outputs=["labels", "submission"])
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "labels", "submission.csv"]
     assert pd.read_csv(out / "submission.csv")["id"].unique().tolist() == ["a"]
 
 
@@ -214,7 +217,82 @@ def test_tiny_images_and_odd_entries(checkpoint: Path, tmp_path: Path, caplog: p
         counts = predict_images(checkpoint, [folder], tmp_path / "out", device=CPU)
     assert counts["images"] == 2
     assert any("left 2 entr(ies) that are not image files" in r.message and "notes.txt, sub.png" in r.message for r in caplog.records)
-    assert read_labels(tmp_path / "out" / "labels" / "dot.png").shape == (1, 1)
-    assert read_labels(tmp_path / "out" / "labels" / "strip.png").shape == (2, 3)
+    assert tifffile.imread(tmp_path / "out" / "labels" / "dot.tif").shape == (1, 1)
+    assert tifffile.imread(tmp_path / "out" / "labels" / "strip.tif").shape == (2, 3)
     submission = pd.read_csv(tmp_path / "out" / "submission.csv", keep_default_na=False)
     assert set(submission["id"]) == {"dot", "strip"}
+
+
+@pytest.fixture(scope="module")
+def lab_folder(sartorius_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The 3 real public test images (read where they are), and a folder of variants of them made here: a
+    12-bit camera image in a 16-bit TIFF, an RGB PNG, a JPEG, a 2048×2048 mosaic, a 64×64 crop and an odd size."""
+    real = sorted((sartorius_dir / "test").glob("*.png"))
+    grey = [np.asarray(Image.open(p)) for p in real]
+    folder = tmp_path_factory.mktemp("lab")
+    tifffile.imwrite(folder / "deep.tif", grey[0].astype(np.uint16) * 16 + 300)
+    Image.fromarray(np.stack([grey[1]] * 3, axis=-1)).save(folder / "colour.png")
+    Image.fromarray(grey[2]).save(folder / "photo.jpg", quality=95)
+    mosaic = np.block([[grey[(r + c) % 3] for c in range(3)] for r in range(4)])[:2048, :2048]
+    Image.fromarray(mosaic).save(folder / "mosaic.png")
+    Image.fromarray(grey[0][100:164, 200:264]).save(folder / "crop.png")
+    tifffile.imwrite(folder / "odd.tiff", grey[1][:333, :517])
+    return folder, real
+
+
+def test_predict_reads_a_labs_images_and_writes_every_output(
+    checkpoint: Path, lab_folder: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """Every output for the real test images and their variants, consistent with each other: the label TIFFs
+    have each image's own size, the tables and files count the same cells, the measurements are regionprops of
+    the label TIFF with the file's own intensities, and an RGB copy of a grey image gives its cells."""
+    folder, real = lab_folder
+    out = tmp_path / "out"
+    counts = predict_images(checkpoint, [*real, folder], out, device=CPU)
+    stems = [p.stem for p in real] + ["colour", "crop", "deep", "mosaic", "odd", "photo"]
+    assert counts == {"images": 9, "instances": counts["instances"], "skipped": 0} and counts["instances"] > 0
+    summary = pd.read_csv(out / "images.csv").set_index("image")
+    measurements = pd.read_csv(out / "cells.csv")
+    coco = json.loads((out / "predictions.json").read_text())
+    assert sorted(summary.index) == sorted(stems) and summary["cells"].sum() == counts["instances"]
+    assert len(measurements) == len(coco["annotations"]) == counts["instances"]
+    for stem in stems:
+        labels = tifffile.imread(out / "labels" / f"{stem}.tif")
+        source = next(p for p in [*real, *folder.iterdir()] if p.stem == stem)
+        pixels = tifffile.imread(source) if source.suffix.startswith(".tif") else np.asarray(Image.open(source))
+        assert labels.shape == pixels.shape[:2] == (summary.loc[stem, "height"], summary.loc[stem, "width"])
+        assert int(labels.max()) == summary.loc[stem, "cells"]
+        overlay = Image.open(out / "overlays" / f"{stem}.png")
+        assert overlay.size[0] == labels.shape[1] and overlay.mode == "RGB"
+        if labels.max():
+            assert len(roifile.roiread(out / "rois" / f"{stem}.zip")) == labels.max()
+            mine = measurements[measurements["image"] == stem]
+            grey = pixels if pixels.ndim == 2 else pixels[..., 0]
+            expected = regionprops_table(labels, intensity_image=grey, properties=("label", "area", "intensity_mean"))
+            assert np.array_equal(mine["area"], expected["area"])
+            assert np.allclose(mine["intensity_mean"], expected["intensity_mean"])
+    assert measurements[measurements["image"] == "deep"]["intensity_mean"].min() >= 300  # 16-bit units
+    original = tifffile.imread(out / "labels" / f"{real[1].stem}.tif")
+    assert np.array_equal(tifffile.imread(out / "labels" / "colour.tif"), original)
+    assert {image["kind"] for image in coco["images"]} == {"8-bit grey", "8-bit colour", "16-bit grey"}
+
+
+def test_cli_flags_choose_the_outputs_and_skip_bad_files(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    """``--no-<output>`` leaves an output out; ``--skip-bad`` reports an unreadable file and a multi-page TIFF
+    (skipped.csv) and segments the rest, where without it the first one stops the run and nothing is written."""
+    (images / "broken.png").write_bytes(b"not a png")
+    tifffile.imwrite(images / "stack.tif", np.zeros((3, 64, 96), np.uint8), photometric="minisblack")
+    base = ["predict", "--model", str(checkpoint), str(images), "--device", "cpu", "--scale", "0.8"]
+    assert main([*base, "--out", str(tmp_path / "strict")]) == 1 and not (tmp_path / "strict").exists()
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out), "--skip-bad", "--no-rois", "--no-overlay", "--no-submission"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MARKER, "labels", "cells.csv", "images.csv", "predictions.json", "skipped.csv"]
+    )
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert [Path(f).name for f in skipped["file"]] == ["broken.png", "stack.tif"]
+    assert "not a readable image" in skipped["reason"][0] and "multi-page TIFF" in skipped["reason"][1]
+    assert sorted(pd.read_csv(out / "images.csv")["image"]) == ["a", "b", "c"]
+    assert tifffile.imread(out / "labels" / "a.tif").shape == (64, 96)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--out", "o", "--scale", "20"])

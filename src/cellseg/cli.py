@@ -9,6 +9,9 @@ from pathlib import Path
 
 from cellseg.outputs import Kind, check_outputs
 from cellseg.stage import guarded
+from cellseg.exports import OUTPUTS
+from cellseg.tiling import MAX_OVERLAP
+
 
 def _synth(args: argparse.Namespace) -> None:
     from cellseg.sources.synthetic import synthesize
@@ -23,7 +26,9 @@ def _predict(args: argparse.Namespace) -> None:
 
     predict_images(
         args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
-        device=pick_device(args.device), tta=args.tta, postprocess=args.postprocess,
+        device=pick_device(args.device), tta=args.tta, postprocess=args.postprocess, scale=args.scale,
+        overlap=args.tile_overlap, outputs=[name for name in OUTPUTS if getattr(args, name)],
+        skip_bad=args.skip_bad,
     )
 
 
@@ -42,6 +47,17 @@ def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _scale(text: str) -> float:
+    """An argparse type: a resizing factor from 0.1 to 10."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0.1..10")
+    return value
 
 
 def _device(text: str) -> str:
@@ -67,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="segment new images with a trained checkpoint")
     predict.add_argument("inputs", nargs="+", help="image files and/or directories of images")
     predict.add_argument("--model", type=Path, required=True, help="a checkpoint, e.g. models/maskrcnn/best.pt")
-    predict.add_argument("--out", type=Path, required=True, help="output directory (labels/, predictions.json, submission.csv)")
+    predict.add_argument("--out", type=Path, required=True, help="output directory (replaced atomically)")
     predict.add_argument("--overwrite", action="store_true", help="replace --out if cellseg wrote it and it is not empty")
     predict.add_argument("--batch-size", type=_integer(1), default=4, help="images per forward pass")
     predict.add_argument(
@@ -83,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-processing: auto (the tune stage's postprocess.json beside --model when present, else the "
         "values stored in the checkpoint), stored, or a tune stage's file",
     )
+    predict.add_argument(
+        "--scale", type=_scale, default=1.0,
+        help="resize the images by this factor before segmenting, so that cells have the competition's pixel size "
+        "(e.g. 0.5 for images at twice its magnification); the outputs keep the images' own size",
+    )
+    predict.add_argument(
+        "--tile-overlap", type=_integer(0, MAX_OVERLAP), default=192, metavar="PIXELS",
+        help="images larger than 704x520 are segmented in tiles of that size overlapping by at least this much "
+        "(more than the largest cell); cells that cross tile borders are merged",
+    )
+    predict.add_argument("--skip-bad", action="store_true", help="report an unreadable image (skipped.csv) and go on")
+    for name, help_text in OUTPUTS.items():
+        predict.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=f"write {help_text}".replace("%", "%%"))
     predict.set_defaults(run=_predict)
     return parser
 

@@ -17,7 +17,9 @@ import torch
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ValidationError
 
+from cellseg import rle
 from cellseg.checkpoint import load_checkpoint
+from cellseg.cocorle import batched, rle_to_coco
 from cellseg.errors import DataError
 from cellseg.instances import Instances, Predictor
 from cellseg.registry import MODELS
@@ -80,26 +82,21 @@ def _load_weights(model: torch.nn.Module, state_dict: dict, checkpoint: str | Pa
         raise DataError(f"{checkpoint}: its weights do not fit the {name} model its params describe ({reason})") from None
 
 
-def coco_results(instances: Instances, image_id: int, chunk: int = 64) -> list[dict]:
-    """COCO result dicts (compressed RLE segmentation, bbox, category, score) for one image's instances.
-
-    Masks are encoded ``chunk`` instances at a time, bounding memory to ``chunk`` full-size masks.
-    """
+def coco_results(instances: Instances, image_id: int) -> list[dict]:
+    """COCO result dicts (compressed RLE segmentation, bbox, category, score) for one image's instances, made
+    from the label image's runs (:func:`cellseg.rle.encode_labels`, :func:`cellseg.cocorle.rle_to_coco`): no
+    full-size mask per instance, so a large image with thousands of cells costs one sort."""
     labels, n = instances.labels, len(instances)
-    results = []
-    for first in range(0, n, chunk):
-        ids = np.arange(first + 1, min(first + chunk, n) + 1, dtype=labels.dtype)
-        rles = mask_utils.encode(np.asfortranarray((labels[..., None] == ids).astype(np.uint8)))
-        boxes = mask_utils.toBbox(rles)
-        for rle, box, k in zip(rles, boxes, ids - 1):
-            rle["counts"] = rle["counts"].decode("ascii")
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(instances.classes[k]),
-                    "segmentation": rle,
-                    "bbox": [float(v) for v in box],
-                    "score": float(instances.scores[k]),
-                }
-            )
-    return results
+    height, width = labels.shape
+    rles = rle_to_coco(rle.encode_labels(labels)[:n], np.full(n, height), np.full(n, width))
+    boxes = batched(mask_utils.toBbox, rles).reshape(-1, 4)
+    return [
+        {
+            "image_id": image_id,
+            "category_id": int(instances.classes[k]),
+            "segmentation": segmentation,
+            "bbox": [float(v) for v in boxes[k]],
+            "score": float(instances.scores[k]),
+        }
+        for k, segmentation in enumerate(rles)
+    ]

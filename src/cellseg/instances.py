@@ -15,11 +15,13 @@ import numpy as np
 from cellseg.celltypes import UNKNOWN_CLASS, cell_type
 
 MAX_LABEL = int(np.iinfo(np.uint16).max)  # the most instances a uint16 label image holds
+IMAGE_SHAPE = (520, 704)  # (height, width) of the competition images: what every model is trained on and given
 
 
 @dataclass(frozen=True)
 class Instances:
-    """One image's instances: ``labels`` (uint16 H×W, instance k at label k+1), ``classes`` and ``scores`` per k,
+    """One image's instances: ``labels`` (uint16 H×W, instance k at label k+1; uint32 past :data:`MAX_LABEL`
+    instances, which only a large image of ``cellseg predict`` holds), ``classes`` and ``scores`` per k,
     and ``image_class``, the category the model gives the whole image (:data:`UNKNOWN_CLASS` if none)."""
 
     labels: np.ndarray

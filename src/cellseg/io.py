@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from cellseg.errors import DataError
+from cellseg.errors import DataError, cut
 
 
 MARKER = ".cellseg-output"
@@ -143,25 +143,33 @@ def write_parquet(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
         table.to_parquet(tmp, index=False)
 
 
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 @contextlib.contextmanager
-def _open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
-    """The image file opened with PIL (header read, pixels not yet); a clear :class:`DataError` names the file
-    when it is missing, empty or not a readable image (a decompression bomb included)."""
+def opened_image(
+    path: str | os.PathLike[str], opener: Callable[[Path], Any] = Image.open, errors: tuple[type, ...] = ()
+) -> Iterator[Any]:
+    """The image file opened with ``opener`` (PIL by default: header read, pixels not yet); a clear
+    :class:`DataError` names the file when it is missing, empty or not a readable image (a decompression bomb
+    included; ``errors``: the opener's own exception types besides :data:`READ_ERRORS`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file is missing")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: image file is empty")
     try:
-        with Image.open(path) as image:
+        with opener(path) as image:
             yield image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    except DataError:
+        raise
+    except (*READ_ERRORS, *errors) as exc:
+        raise DataError(f"{path}: not a readable image ({cut(' '.join(str(exc).split()), 160)})") from None
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(width, height) of an image file, from its header alone; errors as :func:`read_gray`'s."""
-    with _open_image(path) as image:
+    with opened_image(path) as image:
         return image.size
 
 
@@ -171,7 +179,7 @@ def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
     Grey with alpha and RGB images whose three channels are equal are converted; anything else
     (16-bit, colour, palette with colours) is refused rather than silently altered.
     """
-    with _open_image(path) as image:
+    with opened_image(path) as image:
         image.load()
         mode = image.mode
         array = np.asarray(image)

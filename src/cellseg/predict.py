@@ -1,21 +1,32 @@
-"""``cellseg predict``: segment new images (no annotations needed) with a trained checkpoint.
+"""``cellseg predict``: segment a lab's own images (no annotations needed) with a trained checkpoint.
 
-Writes, in one directory (created atomically; an existing non-empty one is only replaced with
-``overwrite``, and only when cellseg wrote it: :mod:`cellseg.outputs`): ``labels/<stem>.png`` (uint16 instance labels), ``predictions.json`` (COCO results with
-the predicted class and score per instance, plus the image list with each image's predicted cell type) and
-``submission.csv`` in the Kaggle format (``id,predicted``:
-one row per instance, competition RLE, masks non-overlapping; an image with no instance gets one row with
-an empty prediction). The post-processing is the tune stage's (``postprocess.json`` beside the checkpoint)
-when it is there.
+Images of any size, bit depth and colour are read by :mod:`cellseg.lab_images`' rules and segmented at the
+models' size (:mod:`cellseg.tiling`: padded or tiled; ``scale`` resizes first). The post-processing is the tune
+stage's (``postprocess.json`` beside the checkpoint) when it is there. The outputs, in one directory written
+atomically (an existing non-empty one is only replaced with ``overwrite``, and only when cellseg wrote it:
+:mod:`cellseg.outputs`), each one of :data:`cellseg.exports.OUTPUTS` that ``outputs`` names:
+
+* ``labels``: ``labels/<stem>.tif``, the label image (:func:`cellseg.exports.write_label_tiff`);
+* ``overlay``: ``overlays/<stem>.png``, outlines coloured by cell type, filled by confidence;
+* ``rois``: ``rois/<stem>.zip``, one ImageJ/Fiji polygon ROI per cell (no file for an image without cells);
+* ``measurements``: ``cells.csv``, one row per cell (:func:`cellseg.measure.cell_measurements`);
+* ``summary``: ``images.csv``, one row per image (cells per type, confluence, mean cell area);
+* ``coco``: ``predictions.json``, COCO results with each instance's class and score, plus the image list with
+  each image's predicted cell type;
+* ``submission``: ``submission.csv`` in the Kaggle format (``id,predicted``: one row per instance, competition
+  RLE, masks non-overlapping; an image with no instance gets one row with an empty prediction).
+
+An unreadable image stops the run, naming it, before anything is written; with ``skip_bad`` it is reported
+(a warning, and ``skipped.csv``: file and reason) and the others go on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel
@@ -24,22 +35,26 @@ from tqdm import tqdm
 from cellseg import rle
 from cellseg.checkpoint import load_checkpoint
 from cellseg.errors import DataError
+from cellseg.exports import OUTPUTS, write_label_tiff, write_overlay, write_rois
 from cellseg.inference import coco_results
 from cellseg.inference import predictor as model_predictor
-from cellseg.io import atomic_path, image_size, read_gray, write_json, write_png
+from cellseg.instances import Instances
+from cellseg.io import atomic_path, write_json
+from cellseg.lab_images import IMAGE_SUFFIXES, LabImage, image_shape, read_image
+from cellseg.measure import cell_measurements, image_summary
 from cellseg.outputs import Kind, check_outputs
+from cellseg.tiling import segment_any_size
 from cellseg.tune import TUNED_FILE, read_tuned
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-MAX_PIXELS = 4096 * 4096  # 46 Sartorius images' worth
+FOLDERS = {"labels": "labels", "overlay": "overlays", "rois": "rois"}
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """The image files named, or found (sorted) in the directories named; stems must be unique, and each file
-    a readable image of at most :data:`MAX_PIXELS` (its header is read). What a directory holds besides images
-    (by suffix: :data:`IMAGE_SUFFIXES`) is left, with a warning that lists it."""
+    """The image files named, or found (sorted) in the directories named; stems must be unique. What a
+    directory holds besides images (by suffix: :data:`~cellseg.lab_images.IMAGE_SUFFIXES`) is left, with a
+    warning that lists it."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -59,28 +74,12 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     stems = pd.Series([p.stem for p in paths])
     if stems.duplicated().any():
         raise DataError(f"two input images share the id {stems[stems.duplicated()].iloc[0]!r}; ids are file stems")
-    for path in paths:
-        width, height = image_size(path)
-        if width * height > MAX_PIXELS:
-            raise DataError(
-                f"{path}: {width}x{height} pixels, more than cellseg segments in one piece ({MAX_PIXELS:,}); crop or tile it"
-            )
     return paths
 
 
-def submission_rows(image_id: str, labels: np.ndarray) -> list[dict[str, str]]:
+def submission_rows(image_id: str, labels) -> list[dict[str, str]]:
     """Kaggle submission rows for one image: one per instance, or one empty row when there is none."""
-    n = int(labels.max())
-    if n == 0:
-        return [{"id": image_id, "predicted": ""}]
-    flat = labels.ravel()
-    order = np.argsort(flat, kind="stable")
-    bounds = np.searchsorted(flat[order], np.arange(1, n + 2))
-    rows = [
-        {"id": image_id, "predicted": rle.encode_pixels(order[bounds[k] : bounds[k + 1]])}  # stable sort: ascending
-        for k in range(n)
-        if bounds[k + 1] > bounds[k]
-    ]
+    rows = [{"id": image_id, "predicted": text} for text in rle.encode_labels(labels) if text]
     return rows or [{"id": image_id, "predicted": ""}]
 
 
@@ -106,31 +105,95 @@ def predict_images(
     device: torch.device,
     tta: bool = False,
     postprocess: str | Path = "auto",
+    scale: float = 1.0,
+    overlap: int = 192,
+    outputs: Collection[str] = OUTPUTS,
+    skip_bad: bool = False,
 ) -> dict[str, int]:
-    """Segment every input image (``tta``: with test-time augmentation) and write the outputs described in the
-    module docstring. ``postprocess``: ``auto`` (the tune stage's file beside the checkpoint when there is one,
-    else the values stored in the checkpoint), ``stored``, or a tune stage's file."""
+    """Segment every input image and write the ``outputs`` of the module docstring into ``out``.
+
+    ``tta``: with test-time augmentation; ``postprocess``: ``auto`` (the tune stage's file beside the checkpoint
+    when there is one, else the values stored in the checkpoint), ``stored``, or a tune stage's file;
+    ``scale``: the factor that gives the images the competition's pixel size; ``overlap``: of the tiles of
+    large images; ``batch_size``: tiles per forward pass. Returns the counts of images, cells and skipped files.
+    """
+    if unknown := set(outputs) - set(OUTPUTS):
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(OUTPUTS)}")
+    started = time.perf_counter()
     out = Path(out)
     named = [Path(postprocess)] if postprocess not in ("auto", "stored") else []
     check_outputs([(out, Kind.TREE)], [*map(Path, inputs), Path(checkpoint), *named], overwrite=overwrite)
-    paths = find_images(inputs)
+    paths, skipped = _readable(find_images(inputs), skip_bad)
     state = load_checkpoint(checkpoint)
     predictor = model_predictor(state, checkpoint, device, _postprocess(postprocess, state, Path(checkpoint)), tta)
-    images_meta, results, rows = [], [], []
+    images_meta, results, rows, cells, summaries = [], [], [], [], []
     with atomic_path(out, directory=True) as tmp:
-        (tmp / "labels").mkdir()
-        for first in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
-            batch = paths[first : first + batch_size]
-            images = [read_gray(p) for p in batch]
-            for number, path, image, found in zip(
-                range(first + 1, first + len(batch) + 1), batch, images, predictor.predict(images)
-            ):
-                write_png(tmp / "labels" / f"{path.stem}.png", found.labels)
-                images_meta.append({"id": number, "file_name": str(path), "image_key": path.stem,
-                                    "height": image.shape[0], "width": image.shape[1], "cell_type": found.image_type})
-                results += coco_results(found, number)
-                rows += submission_rows(path.stem, found.labels)
-        write_json(tmp / "predictions.json", {"model": predictor.name, "images": images_meta, "annotations": results})
-        pd.DataFrame(rows, columns=["id", "predicted"]).to_csv(tmp / "submission.csv", index=False)
-    log.info("predicted %d instances in %d images into %s", len(results), len(paths), out)
-    return {"images": len(paths), "instances": len(results)}
+        for output in set(outputs) & set(FOLDERS):
+            (tmp / FOLDERS[output]).mkdir()
+        for path in tqdm(paths, desc="predict", unit="image"):
+            try:
+                image = read_image(path)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                skipped.append(_skip(path, exc))
+                continue
+            found = segment_any_size(predictor, image.model_input, scale=scale, overlap=overlap, batch_size=batch_size)
+            _write_image_files(tmp, outputs, image, found)
+            number = len(images_meta) + 1
+            images_meta.append({"id": number, "file_name": str(path), "image_key": path.stem, "height": found.labels.shape[0],
+                                "width": found.labels.shape[1], "cell_type": found.image_type, "kind": image.kind})
+            results += coco_results(found, number) if "coco" in outputs else []
+            rows += submission_rows(path.stem, found.labels) if "submission" in outputs else []
+            cells += [cell_measurements(path.stem, found, image.grey)] if "measurements" in outputs else []
+            summaries.append(image_summary(path.stem, found))
+        n_cells = sum(row["cells"] for row in summaries)
+        if "coco" in outputs:
+            write_json(tmp / "predictions.json", {"model": predictor.name, "images": images_meta, "annotations": results})
+        if "submission" in outputs:
+            pd.DataFrame(rows, columns=["id", "predicted"]).to_csv(tmp / "submission.csv", index=False)
+        if "measurements" in outputs:
+            (pd.concat(cells, ignore_index=True) if cells else pd.DataFrame()).to_csv(tmp / "cells.csv", index=False)
+        if "summary" in outputs:
+            pd.DataFrame(summaries).to_csv(tmp / "images.csv", index=False)
+        if skipped:
+            pd.DataFrame(skipped).to_csv(tmp / "skipped.csv", index=False)
+    log.info(
+        "predicted %d cells in %d images%s into %s in %.1f s (%s)", n_cells, len(summaries),
+        f" ({len(skipped)} unreadable file(s) skipped: {out / 'skipped.csv'})" if skipped else "", out,
+        time.perf_counter() - started, predictor.name,
+    )
+    return {"images": len(summaries), "instances": n_cells, "skipped": len(skipped)}
+
+
+def _readable(paths: list[Path], skip_bad: bool) -> tuple[list[Path], list[dict[str, str]]]:
+    """The paths whose headers read (:func:`cellseg.lab_images.image_shape`), and the skipped ones' records;
+    without ``skip_bad`` the first bad one raises, before any work."""
+    kept, skipped = [], []
+    for path in paths:
+        try:
+            image_shape(path)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            skipped.append(_skip(path, exc))
+            continue
+        kept.append(path)
+    return kept, skipped
+
+
+def _skip(path: Path, error: DataError) -> dict[str, str]:
+    """A skipped file's record, reported as a warning."""
+    log.warning("skipped: %s", error)
+    return {"file": str(path), "reason": str(error)}
+
+
+def _write_image_files(folder: Path, outputs: Collection[str], image: LabImage, found: Instances) -> None:
+    """One image's files among ``outputs``: its label TIFF, overlay and ROI zip."""
+    stem = image.path.stem
+    if "labels" in outputs:
+        write_label_tiff(folder / FOLDERS["labels"] / f"{stem}.tif", found.labels)
+    if "overlay" in outputs:
+        write_overlay(folder / FOLDERS["overlay"] / f"{stem}.png", image.model_input, found)
+    if "rois" in outputs:
+        write_rois(folder / FOLDERS["rois"] / f"{stem}.zip", found)

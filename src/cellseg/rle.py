@@ -83,6 +83,17 @@ def encode(mask: np.ndarray) -> str:
     return encode_pixels(np.flatnonzero(mask))
 
 
+def encode_labels(labels: np.ndarray) -> list[str]:
+    """The competition RLE string of every label 1..max of a 2-D label image ("" for a label absent), from one
+    sort of its pixels (no mask per label)."""
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")  # stable: each label's pixels stay ascending
+    bounds = np.searchsorted(flat[order], np.arange(1, int(flat.max(initial=0)) + 2))
+    return [encode_pixels(order[bounds[k] : bounds[k + 1]]) for k in range(len(bounds) - 1)]
+
+
 def encode_pixels(pixels: np.ndarray) -> str:
     """Encode sorted, unique flat (row-major) pixel indices as a competition RLE string."""
     if len(pixels) == 0:

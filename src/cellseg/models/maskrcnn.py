@@ -44,7 +44,7 @@ from cellseg.config import MaskRCNNParams, MaskRCNNPostprocess
 from cellseg.data import AugmentedDataset, ImageStore
 from cellseg.decode import INSTANCES_TABLE, instance_pixels
 from cellseg.errors import DataError, ParamsError, ResourceError
-from cellseg.instances import Instances, majority_class
+from cellseg.instances import IMAGE_SHAPE, Instances, majority_class
 from cellseg.metrics import CompetitionScore
 from cellseg.models.detections import Detections
 from cellseg.models.maskrcnn_tta import tta_detections
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 PARAM = "maskrcnn.weights"
 MASK_SIZE = 28  # side of the mask head's output (RoIAlign 14 × upsampling 2) that torchvision pastes
-BASE_SIZE = (520, 704)  # (height, width) of the competition images: the model's size at image_scale 1
 # Heads whose tensors depend on the class count or the anchors per location: a file may differ there.
 HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
 # ``maskrcnn.backbone`` → its ImageNet weights (``maskrcnn.weights: imagenet``), and where torchvision has them,
@@ -106,8 +105,8 @@ def _network(params: MaskRCNNParams, num_classes: int, imagenet: bool) -> nn.Mod
     has frozen BatchNorm and its first layers frozen; ResNet-50 FPN v2 keeps trainable BatchNorm throughout.
     """
     options: dict[str, Any] = {
-        "min_size": round(BASE_SIZE[0] * params.image_scale),
-        "max_size": round(BASE_SIZE[1] * params.image_scale),
+        "min_size": round(IMAGE_SHAPE[0] * params.image_scale),
+        "max_size": round(IMAGE_SHAPE[1] * params.image_scale),
         "image_mean": [params.mean] * 3,
         "image_std": [params.std] * 3,
         "box_detections_per_img": params.detections_per_img,
