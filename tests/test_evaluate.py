@@ -117,7 +117,7 @@ def test_coco_results_round_trip(dataset) -> None:
     labels = store.labels(ids[0])
     n = int(labels.max())
     found = Instances(labels, np.full(n, 2), np.ones(n))
-    results = coco_results(found, 7, chunk=5)
+    results = coco_results(found, 7)
     assert len(results) == n and {r["category_id"] for r in results} == {2}
     for k in (0, n // 2, n - 1):
         assert np.array_equal(mask_utils.decode(results[k]["segmentation"]).astype(bool), labels == k + 1)

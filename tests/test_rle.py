@@ -71,6 +71,13 @@ def test_round_trip_random_masks(mask: np.ndarray) -> None:
     assert np.array_equal(rle.pixels(text, mask.shape), np.flatnonzero(mask))
 
 
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.integers(0, 5)))
+def test_encode_labels_is_encode_of_each_label(labels: np.ndarray) -> None:
+    """One string per label 1..max, each what :func:`rle.encode` gives its mask ("" for a label absent)."""
+    assert rle.encode_labels(labels) == [rle.encode(labels == k) for k in range(1, int(labels.max()) + 1)]
+
+
 def test_real_annotations_round_trip_exactly(real_dir) -> None:
     table = pd.read_csv(real_dir / "train.csv")
     for row in table.itertuples():
