@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", type=Path, required=True, help="a checkpoint, e.g. models/maskrcnn/best.pt")
     predict.add_argument("--out", type=Path, required=True, help="output directory (replaced atomically)")
     predict.add_argument("--overwrite", action="store_true", help="replace --out if cellseg wrote it and it is not empty")
-    predict.add_argument("--batch-size", type=_integer(1), default=4, help="images per forward pass")
+    predict.add_argument("--batch-size", type=_integer(1), default=4, help="704x520 tiles per forward pass")
     predict.add_argument(
         "--device", type=_device, default="auto", help="auto (CUDA when present), or cpu, cuda, cuda:1 ... if present"
     )

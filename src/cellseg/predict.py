@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 import torch
@@ -123,69 +124,84 @@ def predict_images(
     out = Path(out)
     named = [Path(postprocess)] if postprocess not in ("auto", "stored") else []
     check_outputs([(out, Kind.TREE)], [*map(Path, inputs), Path(checkpoint), *named], overwrite=overwrite)
-    paths, skipped = _readable(find_images(inputs), skip_bad)
+    skipped: list[dict[str, str]] = []
+    paths = [p for p in find_images(inputs) if _unless_bad(image_shape, p, skip_bad, skipped) is not None]
     state = load_checkpoint(checkpoint)
     predictor = model_predictor(state, checkpoint, device, _postprocess(postprocess, state, Path(checkpoint)), tta)
-    images_meta, results, rows, cells, summaries = [], [], [], [], []
+    tables = _Tables(outputs)
     with atomic_path(out, directory=True) as tmp:
         for output in set(outputs) & set(FOLDERS):
             (tmp / FOLDERS[output]).mkdir()
         for path in tqdm(paths, desc="predict", unit="image"):
-            try:
-                image = read_image(path)
-            except DataError as exc:
-                if not skip_bad:
-                    raise
-                skipped.append(_skip(path, exc))
+            if (image := _unless_bad(read_image, path, skip_bad, skipped)) is None:
                 continue
             found = segment_any_size(predictor, image.model_input, scale=scale, overlap=overlap, batch_size=batch_size)
             _write_image_files(tmp, outputs, image, found)
-            number = len(images_meta) + 1
-            images_meta.append({"id": number, "file_name": str(path), "image_key": path.stem, "height": found.labels.shape[0],
-                                "width": found.labels.shape[1], "cell_type": found.image_type, "kind": image.kind})
-            results += coco_results(found, number) if "coco" in outputs else []
-            rows += submission_rows(path.stem, found.labels) if "submission" in outputs else []
-            cells += [cell_measurements(path.stem, found, image.grey)] if "measurements" in outputs else []
-            summaries.append(image_summary(path.stem, found))
-        n_cells = sum(row["cells"] for row in summaries)
-        if "coco" in outputs:
-            write_json(tmp / "predictions.json", {"model": predictor.name, "images": images_meta, "annotations": results})
-        if "submission" in outputs:
-            pd.DataFrame(rows, columns=["id", "predicted"]).to_csv(tmp / "submission.csv", index=False)
-        if "measurements" in outputs:
-            (pd.concat(cells, ignore_index=True) if cells else pd.DataFrame()).to_csv(tmp / "cells.csv", index=False)
-        if "summary" in outputs:
-            pd.DataFrame(summaries).to_csv(tmp / "images.csv", index=False)
-        if skipped:
-            pd.DataFrame(skipped).to_csv(tmp / "skipped.csv", index=False)
+            tables.add(image, found)
+        tables.write(tmp, predictor.name, skipped)
+    cells = sum(row["cells"] for row in tables.summaries)
     log.info(
-        "predicted %d cells in %d images%s into %s in %.1f s (%s)", n_cells, len(summaries),
+        "predicted %d cells in %d images%s into %s in %.1f s (%s)", cells, len(tables.summaries),
         f" ({len(skipped)} unreadable file(s) skipped: {out / 'skipped.csv'})" if skipped else "", out,
         time.perf_counter() - started, predictor.name,
     )
-    return {"images": len(summaries), "instances": n_cells, "skipped": len(skipped)}
+    return {"images": len(tables.summaries), "instances": cells, "skipped": len(skipped)}
 
 
-def _readable(paths: list[Path], skip_bad: bool) -> tuple[list[Path], list[dict[str, str]]]:
-    """The paths whose headers read (:func:`cellseg.lab_images.image_shape`), and the skipped ones' records;
-    without ``skip_bad`` the first bad one raises, before any work."""
-    kept, skipped = [], []
-    for path in paths:
-        try:
-            image_shape(path)
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            skipped.append(_skip(path, exc))
-            continue
-        kept.append(path)
-    return kept, skipped
+T = TypeVar("T")
 
 
-def _skip(path: Path, error: DataError) -> dict[str, str]:
-    """A skipped file's record, reported as a warning."""
-    log.warning("skipped: %s", error)
-    return {"file": str(path), "reason": str(error)}
+def _unless_bad(read: Callable[[Path], T], path: Path, skip_bad: bool, skipped: list[dict[str, str]]) -> T | None:
+    """``read(path)``; with ``skip_bad``, a :class:`DataError` is reported (a warning, a record in ``skipped``)
+    and gives None, where without it it stops the run."""
+    try:
+        return read(path)
+    except DataError as exc:
+        if not skip_bad:
+            raise
+        log.warning("skipped: %s", exc)
+        skipped.append({"file": str(path), "reason": str(exc)})
+        return None
+
+
+class _Tables:
+    """The outputs that gather rows from every image: COCO results, submission, measurements and summary."""
+
+    def __init__(self, outputs: Collection[str]) -> None:
+        self.outputs = outputs
+        self.images: list[dict] = []
+        self.results: list[dict] = []
+        self.rows: list[dict[str, str]] = []
+        self.cells: list[pd.DataFrame] = []
+        self.summaries: list[dict] = []
+
+    def add(self, image: LabImage, found: Instances) -> None:
+        """One image's rows."""
+        number, stem = len(self.images) + 1, image.path.stem
+        height, width = found.labels.shape
+        self.images.append({"id": number, "file_name": str(image.path), "image_key": stem, "height": height,
+                            "width": width, "cell_type": found.image_type, "kind": image.kind})
+        if "coco" in self.outputs:
+            self.results += coco_results(found, number)
+        if "submission" in self.outputs:
+            self.rows += submission_rows(stem, found.labels)
+        if "measurements" in self.outputs:
+            self.cells.append(cell_measurements(stem, found, image.grey))
+        self.summaries.append(image_summary(stem, found))
+
+    def write(self, folder: Path, model: str, skipped: list[dict[str, str]]) -> None:
+        """The tables asked for into ``folder``, and ``skipped.csv`` when a file was skipped."""
+        if "coco" in self.outputs:
+            write_json(folder / "predictions.json", {"model": model, "images": self.images, "annotations": self.results})
+        if "submission" in self.outputs:
+            pd.DataFrame(self.rows, columns=["id", "predicted"]).to_csv(folder / "submission.csv", index=False)
+        if "measurements" in self.outputs:
+            cells = pd.concat(self.cells, ignore_index=True) if self.cells else pd.DataFrame()
+            cells.to_csv(folder / "cells.csv", index=False)
+        if "summary" in self.outputs:
+            pd.DataFrame(self.summaries).to_csv(folder / "images.csv", index=False)
+        if skipped:
+            pd.DataFrame(skipped).to_csv(folder / "skipped.csv", index=False)
 
 
 def _write_image_files(folder: Path, outputs: Collection[str], image: LabImage, found: Instances) -> None:
