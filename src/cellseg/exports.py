@@ -29,6 +29,7 @@ OUTPUTS = {  # what ``cellseg predict`` writes (each behind a flag, all on by de
 # One colour per category id (unknown, shsy5y, astro, cort): matplotlib's tab10 grey, orange, blue, green.
 COLOURS = np.array([(127, 127, 127), (255, 127, 14), (31, 119, 180), (44, 160, 44)], np.uint8)
 FILL_OPACITY = 0.5  # a cell's fill is its type's colour at this opacity times its confidence
+OUTLINE_LIGHTER = 0.6  # its outline is that colour this much of the way to white, so touching cells stand apart
 LEGEND_HEIGHT = 16
 
 
@@ -40,8 +41,8 @@ def write_label_tiff(path: Path, labels: np.ndarray) -> None:
 
 
 def write_overlay(path: Path, image: np.ndarray, instances: Instances) -> None:
-    """A PNG of the uint8 grey ``image`` with each cell outlined in its type's colour (:data:`COLOURS`) and
-    filled with it at an opacity that grows with its confidence; a legend strip below names the colours and
+    """A PNG of the uint8 grey ``image`` with each cell outlined in a light tint of its type's colour
+    (:data:`COLOURS`) and filled with that colour at an opacity that grows with its confidence; a legend strip below names the colours and
     counts the cells of each type."""
     labels = instances.labels
     categories = np.concatenate([[UNKNOWN_CLASS], instances.classes]).astype(np.intp)
@@ -50,7 +51,7 @@ def write_overlay(path: Path, image: np.ndarray, instances: Instances) -> None:
     alpha = (FILL_OPACITY * confidence[labels])[..., None]
     rgb = (1 - alpha) * image[..., None].astype(np.float32) + alpha * colour
     outline = find_boundaries(labels, mode="inner")
-    rgb[outline] = colour[outline]
+    rgb[outline] = colour[outline] + OUTLINE_LIGHTER * (255 - colour[outline])
     canvas = Image.new("RGB", (labels.shape[1], labels.shape[0] + LEGEND_HEIGHT), (0, 0, 0))
     canvas.paste(Image.fromarray(np.rint(rgb).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
