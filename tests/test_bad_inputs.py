@@ -333,9 +333,9 @@ def _misspelled_section(w: World) -> None:
 
 
 def _huge_image(w: World) -> None:
-    """A PNG whose header says 5000×5000 pixels (25 Mpx: under PIL's bomb limit, over cellseg's)."""
+    """A PNG whose header says 12000×12000 pixels (144 Mpx: under PIL's bomb limit, over cellseg's)."""
     _good_checkpoint(w)
-    _bomb(w, w.work / "images" / "huge.png", 5000)
+    _bomb(w, w.work / "images" / "huge.png", 12000)
 
 
 def _text_named_png(w: World) -> None:
@@ -534,7 +534,7 @@ CASES: list[Case] = [
     Case("std-infinite", "train_unet", param("unet.std", float("inf")), ("unet.std", "finite number")),
     Case("augment-unknown", "train_maskrcnn", param("maskrcnn.augment", ["hflip", "spin"]), ("maskrcnn.augment.1", "'spin'")),
     # --- predict: what a folder holds, image sizes, options ---
-    Case("predict-image-too-large", "predict", _huge_image, ("images/huge.png: 5000x5000 pixels", "crop or tile it")),
+    Case("predict-image-too-large", "predict", _huge_image, ("images/huge.png: 12000x12000 pixels, more than cellseg reads", "crop it")),
     Case("predict-text-named-png", "predict", _text_named_png, ("images/notes.png: not a readable image",)),
     Case("predict-folder-without-images", "predict", _no_images, ("no images found in images",)),
     Case("predict-batch-size-zero", "predict", _predict_with("images", "--out", "pred", "--batch-size", "0"), ("--batch-size: 0 is below 1",), code=2),
