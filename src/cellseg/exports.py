@@ -19,7 +19,7 @@ from cellseg.instances import MAX_LABEL, Instances
 
 OUTPUTS = {  # what ``cellseg predict`` writes (each behind a flag, all on by default): name → what it is
     "labels": "labels/<image>.tif: the label image (uint16; uint32 past 65,535 cells)",
-    "overlay": "overlays/<image>.png: outlines coloured by cell type, filled by confidence",
+    "overlay": "overlays/<image>.png: cells filled with their type's colour, more opaque the more confident",
     "rois": "rois/<image>.zip: an ImageJ/Fiji ROI per cell, named label-type-confidence",
     "measurements": "cells.csv: per cell area, perimeter, shape, mean intensity, centroid, type, confidence",
     "summary": "images.csv: per image cells per type, confluence %, mean cell area",

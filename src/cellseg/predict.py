@@ -7,7 +7,7 @@ atomically (an existing non-empty one is only replaced with ``overwrite``, and o
 :mod:`cellseg.outputs`), each one of :data:`cellseg.exports.OUTPUTS` that ``outputs`` names:
 
 * ``labels``: ``labels/<stem>.tif``, the label image (:func:`cellseg.exports.write_label_tiff`);
-* ``overlay``: ``overlays/<stem>.png``, outlines coloured by cell type, filled by confidence;
+* ``overlay``: ``overlays/<stem>.png``, cells filled with their type's colour (more opaque the more confident);
 * ``rois``: ``rois/<stem>.zip``, one ImageJ/Fiji polygon ROI per cell (no file for an image without cells);
 * ``measurements``: ``cells.csv``, one row per cell (:func:`cellseg.measure.cell_measurements`);
 * ``summary``: ``images.csv``, one row per image (cells per type, confluence, mean cell area);
