@@ -20,6 +20,7 @@ SCHEDULE = 15 * 75_000  # the seed's U-Net schedule: 15 epochs of one 256-px win
 # The GPU recipe's Mask R-CNN (README, *The full recipe*), beside the CPU default's params.yaml section.
 MASKRCNN_RECIPE = {
     "backbone": "resnet50_fpn_v2", "box_batch_size_per_image": 512, "rpn_pre_nms_top_n": 6000, "rpn_post_nms_top_n": 3000,
+    "mask_head_channels": 256,
 }
 
 

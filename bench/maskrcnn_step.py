@@ -36,7 +36,11 @@ from cellseg.sources.synthetic import synthesize
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "resnet50_fpn_v2 (the old default)"
 # The old default's settings, which every row starts from ("channels_last": the trainer's memory format).
-OLD = {"backbone": "resnet50_fpn_v2", "box_batch_size_per_image": 512, "rpn_pre_nms_top_n": 3000, "rpn_post_nms_top_n": 1500}
+OLD = {
+    "backbone": "resnet50_fpn_v2", "box_batch_size_per_image": 512, "rpn_pre_nms_top_n": 3000, "rpn_post_nms_top_n": 1500,
+    "mask_head_channels": 256,
+}
+RESNET18 = {**OLD, "backbone": "resnet18_fpn", "box_batch_size_per_image": 128, "rpn_pre_nms_top_n": 1000, "rpn_post_nms_top_n": 500}
 SETTINGS: dict[str, dict] = {
     BASELINE: OLD,
     "resnet50_fpn": {**OLD, "backbone": "resnet50_fpn"},
@@ -44,11 +48,10 @@ SETTINGS: dict[str, dict] = {
     "resnet18_fpn": {**OLD, "backbone": "resnet18_fpn"},
     "mobilenet_v3_large_fpn": {**OLD, "backbone": "mobilenet_v3_large_fpn"},
     "resnet18_fpn, 128 RoIs/image": {**OLD, "backbone": "resnet18_fpn", "box_batch_size_per_image": 128},
-    "resnet18_fpn, 128 RoIs, RPN 1000/500": {
-        **OLD, "backbone": "resnet18_fpn", "box_batch_size_per_image": 128, "rpn_pre_nms_top_n": 1000,
-        "rpn_post_nms_top_n": 500,
-    },
+    "resnet18_fpn, 128 RoIs, RPN 1000/500": RESNET18,
     "resnet18_fpn, channels_last": {**OLD, "backbone": "resnet18_fpn", "channels_last": True},
+    "resnet18_fpn, 128 RoIs, RPN 1000/500, channels_last": {**RESNET18, "channels_last": True},
+    "that, and a 128-wide mask head (today's default)": {**RESNET18, "channels_last": True, "mask_head_channels": 128},
 }
 
 

@@ -2,7 +2,7 @@
 
     python bench/real.py [--data ../shared/sartorius] [--work DIR] [--out bench/real_results.json]
                          [--plot docs/real_map_vs_cpu_minutes.png] [--quick] [--models unet maskrcnn]
-                         [--set unet.target=flows ...] [--tta] [--tune] [--no-synthetic]
+                         [--set unet.target=flows ...] [--tta] [--tune] [--no-synthetic | --transfer-only]
 
 It runs the project's own stage scripts (no DVC, tracking off) on a copy of ``params.yaml`` with the budget
 below, then scores the checkpoints with the library's evaluation (:func:`cellseg.evaluate.evaluate_predictor`,
@@ -15,7 +15,8 @@ as the ``evaluate`` stage does), in three parts:
    cross-validated gain the tune stage's metrics give);
 2. **synthetic**: the default synthetic pipeline (``params.yaml`` unchanged) up to the trained models;
 3. **transfer**: those synthetic-only models scored on the same real validation images (the transfer gap).
-   ``--no-synthetic`` skips 2 and 3.
+   ``--no-synthetic`` skips 2 and 3; ``--transfer-only`` skips the training of 1 (the real data's stages still
+   run, for the validation fold).
 
 On the CPU the budget is :data:`CPU_BUDGET` (≤ 20 minutes of U-Net training on 2 cores); where CUDA is
 present, the GPU recipe of the README (:data:`GPU_RECIPE`). ``--set key=value`` changes params of the real
@@ -271,7 +272,10 @@ def main() -> None:
                         help="a params change of the real run (dotted key, YAML value), e.g. unet.target=flows")
     parser.add_argument("--tta", action="store_true", help="score each model with test-time augmentation too")
     parser.add_argument("--tune", action="store_true", help="run the tune stage; score each model with its file too")
-    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-only models (the transfer gap)")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-only models (the transfer gap)")
+    skip.add_argument("--transfer-only", action="store_true",
+                      help="train only the synthetic-only models, and score them on the real validation images")
     args = parser.parse_args()
     if not (args.data / "train.csv").is_file():
         raise SystemExit(f"{args.data}: no train.csv (pass --data, a Kaggle-format directory)")
@@ -291,11 +295,14 @@ def main() -> None:
     synth_params = write_params(work / "synthetic.yaml", synth_settings)
 
     print(f"real data {args.data} → {work / 'real'} (budget: {budget})", flush=True)
-    real_seconds = pipeline(work / "real", real_params, logs, models, synthesize=False)
-    if args.tune:
-        real_seconds |= tune_models(real_params, logs, work / "real", models)
-    real = evaluate(real_params, work / "real", work / "real/models", models, args.tta, args.tune)
-    results, synth_seconds, runs = {"real training folds": real}, {}, {"real": work / "real/metrics"}
+    real_models = () if args.transfer_only else models
+    real_seconds = pipeline(work / "real", real_params, logs, real_models, synthesize=False)
+    if args.tune and real_models:
+        real_seconds |= tune_models(real_params, logs, work / "real", real_models)
+    results, synth_seconds, runs = {}, {}, {}
+    if real_models:
+        results["real training folds"] = evaluate(real_params, work / "real", work / "real/models", models, args.tta, args.tune)
+        runs["real"] = work / "real/metrics"
     if not args.no_synthetic:
         print("synthetic default (params.yaml) → synthetic-only models", flush=True)
         synth_seconds = pipeline(work / "synthetic", synth_params, logs, models, synthesize=True)
@@ -303,7 +310,7 @@ def main() -> None:
         results["synthetic only (default)"] = evaluate(real_params, work / "real", work / "synthetic/models", models)
         runs["synthetic"] = work / "synthetic/metrics"
     curve = []
-    if "unet" in models:
+    if "unet" in real_models:
         curve = plot_curve(work / "real/metrics/unet", args.plot, "U-Net on real images: mAP per minute of training")
     split = json.loads((work / "real/split.json").read_text())
     record = {
@@ -316,7 +323,7 @@ def main() -> None:
         "budget": budget,
         "stage_seconds": {"real": real_seconds, "synthetic": synth_seconds},
         "training": {run: {m: training_summary(metrics / m) for m in models} for run, metrics in runs.items()},
-        "tuning": {m: json.loads((work / f"real/metrics/{m}/tune.json").read_text()) for m in models} if args.tune else {},
+        "tuning": {m: json.loads((work / f"real/metrics/{m}/tune.json").read_text()) for m in real_models} if args.tune else {},
         "results": results,
         "unet_curve": curve,
         "wall_minutes": (time.perf_counter() - began) / 60,

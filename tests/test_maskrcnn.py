@@ -402,7 +402,7 @@ def test_offline_downloads_raise_resource_error(monkeypatch: pytest.MonkeyPatch,
             build_maskrcnn(tiny_params(backbone=backbone, weights=weights))
         return
     try:
-        build_maskrcnn(tiny_params(backbone=backbone, weights=weights))
+        build_maskrcnn(tiny_params(backbone=backbone, weights=weights, mask_head_channels=256))
     except ResourceError as exc:
         assert "could not be downloaded (URLError" in str(exc) and "maskrcnn.weights: none" in str(exc)
     else:
@@ -439,6 +439,43 @@ def test_every_backbone_trains_predicts_and_reloads(backbone: str, monkeypatch: 
         assert frozen == (weights == "imagenet" and backbone != "resnet50_fpn_v2")  # as torchvision's builders
 
 
+@pytest.mark.parametrize("backbone", ["resnet50_fpn_v2", "resnet18_fpn"])
+def test_mask_head_width(backbone: str) -> None:
+    """``mask_head_channels`` sets the width of the mask head's 4 convolutions and of the predictor's upsampling
+    (ResNet-50 FPN v2's keeps its BatchNorm); the network trains a step and predicts full-size masks."""
+    torch.manual_seed(0)
+    model = build_maskrcnn(tiny_params(backbone=backbone, mask_head_channels=32))
+    convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(256, 32)] + [(32, 32)] * 3
+    norms = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == (4 if backbone == "resnet50_fpn_v2" else 0)
+    predictor = model.roi_heads.mask_predictor
+    assert predictor.conv5_mask.in_channels == 32 and predictor.mask_fcn_logits.out_channels == 4
+    stats = tiny_task(tiny_params(backbone=backbone, mask_head_channels=32)).train_step(model, tiny_batch(1), CPU)
+    stats["loss"].backward()
+    assert torch.isfinite(stats["loss"]) and convs[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.inference_mode():
+        (output,) = model(tiny_batch(1)[0])
+    assert output["masks"].shape[1:] == (1, 64, 96)
+    default = build_maskrcnn(tiny_params(backbone=backbone, mask_head_channels=256))  # torchvision's own head
+    assert [m.out_channels for m in default.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)] == [256] * 4
+
+
+def test_coco_weights_need_torchvisions_mask_head(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """COCO weights with another mask head width are refused before any download; a local file of another
+    width names the mask head's tensors."""
+    def offline(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing should be downloaded")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ParamsError, match=r"maskrcnn\.mask_head_channels: .* 256 wide, not 128; set it to 256"):
+        build_maskrcnn(tiny_params(backbone="resnet50_fpn", weights="coco", mask_head_channels=128))
+    torch.save(build_maskrcnn(tiny_params(mask_head_channels=256)).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ParamsError, match=r"shape mismatches \['roi_heads\.mask_head\."):
+        build_maskrcnn(tiny_params(mask_head_channels=128, weights=str(tmp_path / "wide.pt")))
+
+
 def test_coco_weights_replace_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     """``weights: coco`` loads torchvision's COCO state dict (here one of the right shapes, saved locally: the
     download is faked) into every layer but the 91-class predictors and the RPN logits of other anchors."""
@@ -450,7 +487,7 @@ def test_coco_weights_replace_the_heads(monkeypatch: pytest.MonkeyPatch) -> None
             return state
 
     monkeypatch.setitem(COCO_WEIGHTS, "resnet50_fpn_v2", Download())
-    model = build_maskrcnn(tiny_params(backbone="resnet50_fpn_v2", weights="coco"))
+    model = build_maskrcnn(tiny_params(backbone="resnet50_fpn_v2", weights="coco", mask_head_channels=256))
     own = model.state_dict()
     kept = [k for k in state if own[k].shape == state[k].shape]
     assert all(torch.equal(own[k], state[k]) for k in kept)

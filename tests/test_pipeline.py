@@ -189,6 +189,25 @@ def test_real_data_benchmark_runs_end_to_end(sartorius_dir: Path, tmp_path: Path
     assert record["unet_curve"] and "val/map" in record["unet_curve"][0] and plot.stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_real_data_benchmark_transfer_only(sartorius_dir: Path, tmp_path: Path) -> None:
+    """``bench/real.py --quick --transfer-only``: no model trained on real images; the synthetic-only U-Net is
+    scored on the real validation images (those of the real split)."""
+    out = tmp_path / "real.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "real.py"), "--quick", "--transfer-only", "--data", str(sartorius_dir),
+         "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(tmp_path / "curve.png")],
+        cwd=REPO, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"synthetic only (default)"} and set(record["training"]) == {"synthetic"}
+    assert not (tmp_path / "work" / "real" / "models").exists() and not (tmp_path / "curve.png").exists()
+    scored = record["results"]["synthetic only (default)"]["unet"]
+    assert json.loads((tmp_path / "work" / "real" / "split.json").read_text())["val"]
+    assert scored["n_true"] > 0 and {"map", "dice", "recall50"} <= set(scored)
+
+
 def test_tune_stage_writes_the_tuned_file_that_predict_then_uses(make_kaggle, tmp_path: Path) -> None:
     """The tune stage's file holds the values found, the scores and each fold; its metrics the gain; and
     ``cellseg predict`` on that checkpoint reads it by default."""

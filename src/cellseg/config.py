@@ -157,6 +157,7 @@ class MaskRCNNParams(ModelInput):
     rpn_pre_nms_top_n: int = Field(ge=1, le=200_000)
     rpn_post_nms_top_n: int = Field(ge=1, le=200_000)
     box_batch_size_per_image: int = Field(ge=1, le=20_000)
+    mask_head_channels: int = Field(ge=1, le=4096)  # width of the mask head's 4 convolutions (torchvision: 256)
 
 
 class TrainParams(Section):

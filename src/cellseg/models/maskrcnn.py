@@ -35,6 +35,8 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor as MaskPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -53,6 +55,7 @@ from cellseg.postprocess import remove_overlaps
 log = logging.getLogger(__name__)
 
 PARAM = "maskrcnn.weights"
+COCO_MASK_HEAD = 256  # the width of torchvision's mask head, and so of its COCO weights'
 MASK_SIZE = 28  # side of the mask head's output (RoIAlign 14 × upsampling 2) that torchvision pastes
 # Heads whose tensors depend on the class count or the anchors per location: a file may differ there.
 HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
@@ -79,6 +82,11 @@ def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
         raise ParamsError(
             f"{PARAM}: torchvision has no COCO Mask R-CNN with backbone {params.backbone!r} (only "
             f"{', '.join(COCO_WEIGHTS)}); use imagenet (its backbone's ImageNet weights), none or a local file"
+        )
+    if params.weights == "coco" and params.mask_head_channels != COCO_MASK_HEAD:
+        raise ParamsError(
+            f"maskrcnn.mask_head_channels: torchvision's COCO weights have a mask head {COCO_MASK_HEAD} wide, not "
+            f"{params.mask_head_channels}; set it to {COCO_MASK_HEAD} with {PARAM}: coco"
         )
     if params.weights == "imagenet":
         model = _download(lambda: _network(params, num_classes, imagenet=True), "ImageNet backbone weights")
@@ -137,6 +145,7 @@ def _network(params: MaskRCNNParams, num_classes: int, imagenet: bool) -> nn.Mod
             )
         model = MaskRCNN(backbone, num_classes=num_classes, **options)
     _set_anchors(model, params)
+    _set_mask_head(model, params, num_classes)
     return model
 
 
@@ -166,6 +175,18 @@ def _set_anchors(model: nn.Module, params: MaskRCNNParams) -> None:
         head = RPNHead(old.cls_logits.in_channels, per_location, conv_depth=len(old.conv))
         head.conv.load_state_dict(old.conv.state_dict())  # keep the (possibly pretrained) shared convolutions
         model.rpn.head = head
+
+
+def _set_mask_head(model: nn.Module, params: MaskRCNNParams, num_classes: int) -> None:
+    """A mask head of ``params.mask_head_channels`` (its 4 convolutions and the predictor's upsampling) where
+    that is not torchvision's 256; ResNet-50 FPN v2's keeps its BatchNorm."""
+    width = params.mask_head_channels
+    if width == COCO_MASK_HEAD:
+        return
+    norm_layer = nn.BatchNorm2d if params.backbone == "resnet50_fpn_v2" else None
+    heads = model.roi_heads
+    heads.mask_head = MaskRCNNHeads(model.backbone.out_channels, [width] * 4, 1, norm_layer=norm_layer)
+    heads.mask_predictor = MaskPredictor(width, width, num_classes)
 
 
 def _load_fitting(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, backbone: str) -> None:
