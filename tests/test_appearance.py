@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from cellseg import rle
 from cellseg.appearance import PROFILE_RANGE, cell_shapes, measure, spectrum_slope
+from cellseg.io import read_gray
+from cellseg.sources.kaggle import read_kaggle
 from cellseg.sources.synthetic import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +109,21 @@ def test_realism_benchmark_on_the_generators_own_output(tmp_path: Path) -> None:
     assert {"profile/-6", "profile/+2", "spectrum_slope", "coverage", "overlap", "area", "solidity/q75"} <= set(summary["real"]["cort"])
     assert summary["real"]["astro"]["images"] == 1 and "| cell area (px) |" in done.stdout
     assert figure.stat().st_size > 10_000
+
+
+def test_recorded_real_figures_are_those_of_the_real_set(sartorius_dir: Path) -> None:
+    """``bench/synthetic_realism.json`` holds what the statistics give on the real images (here its shsy5y
+    column, recomputed from the 24 shsy5y images of ``../shared/sartorius``)."""
+    recorded = json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]["shsy5y"]
+    data = read_kaggle(sartorius_dir)
+    images = data.images[data.images["cell_type"] == "shsy5y"]
+    by_image = data.annotations.groupby("image_id")["annotation"]
+    measured = []
+    for row in images.itertuples():
+        grey = read_gray(sartorius_dir / row.file_name)
+        measured.append(measure(grey, [rle.pixels(a, grey.shape) for a in by_image.get_group(row.image_id)]))
+    assert recorded["images"] == len(images) == 24
+    for key in ("profile/-3", "profile/+0", "profile/+2", "spectrum_slope", "cells", "coverage", "background_dark"):
+        assert np.median([m.image[key] for m in measured]) == pytest.approx(recorded[key]), key
+    areas = np.concatenate([m.cells["area"].to_numpy() for m in measured])
+    assert np.median(areas) == pytest.approx(recorded["area"])

@@ -167,12 +167,6 @@ def opened_image(
         raise DataError(f"{path}: not a readable image ({cut(' '.join(str(exc).split()), 160)})") from None
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(width, height) of an image file, from its header alone; errors as :func:`read_gray`'s."""
-    with opened_image(path) as image:
-        return image.size
-
-
 def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an 8-bit image as a uint8 H×W array; a clear :class:`DataError` names the file otherwise.
 
