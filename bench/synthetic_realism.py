@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cellseg import io, rle  # noqa: E402
-from cellseg.appearance import PROFILE_RANGE, measure  # noqa: E402
+from cellseg.appearance import PROFILE_RANGE, cover_map, measure  # noqa: E402
 from cellseg.celltypes import CELL_TYPES  # noqa: E402
 from cellseg.io import write_json  # noqa: E402
 from cellseg.sources.kaggle import read_kaggle  # noqa: E402
@@ -59,8 +59,7 @@ def measure_dataset(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, t
         images.append({"image_id": row.image_id, "cell_type": row.cell_type, **stats.image})
         cells.append(stats.cells.assign(cell_type=row.cell_type))
         if row.cell_type not in first:
-            cover = np.bincount(np.concatenate(masks), minlength=grey.size).reshape(grey.shape) > 0
-            first[row.cell_type] = (grey, cover)
+            first[row.cell_type] = (grey, cover_map(masks, grey.shape) > 0)
     return pd.DataFrame(images), pd.concat(cells, ignore_index=True), first
 
 

@@ -48,26 +48,31 @@ def measure(image: np.ndarray, cells: Sequence[np.ndarray]) -> Appearance:
     """The statistics of a 2-D grey ``image`` and its cells, each given as the flat (row-major) indices of its
     pixels (:func:`cellseg.rle.pixels`)."""
     grey = image.astype(np.float64)
-    cover = np.bincount(np.concatenate([*cells, np.zeros(0, np.int64)]), minlength=grey.size).reshape(grey.shape)
+    cover = cover_map(cells, grey.shape)
     foreground = cover > 0
     distance = _signed_distance(foreground)
     background = distance > BACKGROUND_DISTANCE
-    level = float(np.median(grey[background])) if background.any() else float(np.median(grey))
-    spread = _robust_std(grey[background]) if background.any() else _robust_std(grey)
+    outside = grey[background]
+    reference = outside if outside.size else grey.ravel()  # the background's grey level and spread
+    level, spread = float(np.median(reference)), _robust_std(reference)
     highpass = grey - ndi.gaussian_filter(grey, 2.0)
     stats: dict[str, float] = {f"intensity/q{round(100 * q):02d}": v for q, v in zip(QUANTILES, np.quantile(grey, QUANTILES))}
     stats["intensity/std"] = float(grey.std())
     stats.update(_profile(grey - level, distance))
     stats["spectrum_slope"] = spectrum_slope(grey)
     stats["texture/cells"] = float(highpass[foreground].std()) if foreground.any() else float("nan")
-    stats["texture/background"] = float(highpass[background].std()) if background.any() else float("nan")
-    outside = grey[background]
+    stats["texture/background"] = float(highpass[background].std()) if outside.size else float("nan")
     stats["background_dark"] = float(np.mean(outside < level - OUTLIER_SIGMAS * spread)) if outside.size else 0.0
     stats["background_bright"] = float(np.mean(outside > level + OUTLIER_SIGMAS * spread)) if outside.size else 0.0
     stats["cells"] = float(len(cells))
     stats["coverage"] = float(foreground.mean())
     stats["overlap"] = float((cover > 1).sum() / max(1, foreground.sum()))
     return Appearance(stats, cell_shapes(cells, grey.shape))
+
+
+def cover_map(cells: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """How many of ``cells`` (flat pixel indices) hold each pixel of an image of ``shape``."""
+    return np.bincount(np.concatenate([*cells, np.zeros(0, np.int64)]), minlength=shape[0] * shape[1]).reshape(shape)
 
 
 def _signed_distance(foreground: np.ndarray) -> np.ndarray:
