@@ -6,11 +6,11 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: run test test-all install
 
-$(BIN)/cellseg: pyproject.toml
+$(BIN)/cellseg: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install --quiet torch torchvision
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -c constraints.txt
 	touch $@
 
 install: $(BIN)/cellseg

@@ -183,23 +183,25 @@ def evaluate(
     """Each model's checkpoint under ``models`` scored on the validation fold of ``data`` (a real pipeline's
     work dir), with the post-processing of ``params``, as the ``evaluate`` stage does; with ``tta``, each model
     again with test-time augmentation (``<model>+tta``); with ``tuned``, each model again with its tune stage's
-    file (``<model>+tuned``)."""
+    file, and with test-time augmentation where ``evaluate.tta`` names the model, as the tune stage searched it
+    and the ``evaluate`` stage scores it (``<model>+tuned``, ``<model>+tta+tuned``)."""
     raw = config.read_params(params)
     val = json.loads((data / "split.json").read_text())["val"]
     store = ImageStore(Path(config.section(raw, "data").root), data / "decoded", val)
     coco_gt = json.loads((data / "coco/coco_val.json").read_text())
     device = pick_device("auto")
     post = config.section(raw, "postprocess")
+    tuned_tta = config.section(raw, "evaluate").tta
     runs = [(name, name, False, False) for name in names]
     runs += [(f"{name}+tta", name, True, False) for name in names] if tta else []
-    runs += [(f"{name}+tuned", name, False, True) for name in names] if tuned else []
+    runs += [(f"{name}{'+tta' * (name in tuned_tta)}+tuned", name, name in tuned_tta, True) for name in names] if tuned else []
     results = {}
     for key, name, augmented, from_file in runs:
         print(f"  evaluate {key} ...", end=" ", flush=True)
         began = time.perf_counter()
         checkpoint = models / name / "best.pt"
         state = load_checkpoint(checkpoint)
-        model_post = read_tuned(models / name / TUNED_FILE, state) if from_file else None
+        model_post = read_tuned(models / name / TUNED_FILE, state, augmented) if from_file else None
         model = predictor(state, checkpoint, device, model_post or getattr(post, name), tta=augmented)
         results[key] = evaluate_predictor(model, store, val, coco_gt).metrics
         print(f"{time.perf_counter() - began:.0f} s", flush=True)

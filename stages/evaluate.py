@@ -59,13 +59,14 @@ def main() -> None:
             raise ParamsError(f"--checkpoints: two checkpoints of model {name!r}")
         checkpoints[name], histories[name] = checkpoint, pd.read_csv(history).to_dict("records")
         device = pick_device(getattr(train, name).device)  # each model on its own train.<model>.device
+        tta = name in settings.tta
         if settings.postprocess == "tuned":
-            model_post = read_tuned(tuned, checkpoint)
+            model_post = read_tuned(tuned, checkpoint, tta)
             sources[name] = tuned_summary(tuned)
         else:
             model_post = getattr(post, name)
             sources[name] = "from params.yaml (evaluate.postprocess: params)"
-        model = predictor(checkpoint, path, device, model_post, tta=name in settings.tta)
+        model = predictor(checkpoint, path, device, model_post, tta=tta)
         evaluations.append(evaluate_predictor(model, store, val, coco_gt))
     write_json(args.metrics, {e.name: e.metrics for e in evaluations})
     plots = write_plots(evaluations, store, val, histories, args.plots)

@@ -176,18 +176,22 @@ def test_postprocess_params_can_be_overridden_without_retraining(checkpoint: Pat
         load_predictor(checkpoint, CPU, project_params("postprocess.maskrcnn"))
 
 
-def test_predict_uses_the_tuned_file_beside_the_checkpoint(images: Path, tmp_path: Path) -> None:
+def test_predict_uses_the_tuned_file_beside_the_checkpoint(
+    images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """``auto`` reads the tune stage's ``postprocess.json`` beside the checkpoint (here: a min_size no cell
-    reaches), ``stored`` the checkpoint's values; a file tuned for another checkpoint is refused."""
+    reaches), ``stored`` the checkpoint's values; a file tuned on TTA outputs warns in a run without ``tta``; a
+    file tuned for another checkpoint is refused."""
     post = project_params("postprocess.unet", min_size={"default": 5}, marker_threshold=0.3)
     (tmp_path / "model").mkdir()
     ckpt = save_unet(tmp_path / "model" / "best.pt", post.model_dump())
-    record = {"model": "unet", "checkpoint_sha256": content_hash(load_checkpoint(ckpt)),
+    record = {"model": "unet", "checkpoint_sha256": content_hash(load_checkpoint(ckpt)), "tta": True,
               "postprocess": {**post.model_dump(), "min_size": {"default": 1_000_000}}}
     (tmp_path / "model" / TUNED_FILE).write_text(json.dumps(record))
     stored = predict_images(ckpt, [images], tmp_path / "stored", device=CPU, postprocess="stored")
     assert stored["instances"] > 0
     assert predict_images(ckpt, [images], tmp_path / "auto", device=CPU)["instances"] == 0
+    assert "tuned on test-time-augmented outputs, used without TTA" in caplog.text
     named = predict_images(ckpt, [images], tmp_path / "named", device=CPU, postprocess=tmp_path / "model" / TUNED_FILE)
     assert named["instances"] == 0
     torch.manual_seed(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,22 @@ def test_the_tuned_file_is_read_for_its_own_checkpoint_only(tmp_path: Path) -> N
     path.write_text("{not json")
     with pytest.raises(DataError, match="not a readable tuned post-processing file"):
         read_tuned(path, _state())
+
+
+def test_a_file_tuned_on_the_other_kind_of_outputs_is_used_with_a_warning(tmp_path: Path, caplog) -> None:
+    """A file searched on TTA outputs read for a run without TTA (and the other way round) warns, naming the
+    file; the same kind, or a caller that does not say, reads it silently."""
+    store, images = _world(n_per_type=3)
+    post = project_params("postprocess.unet")
+    tuning = tune(Debris(store, post), store, images, post, GRID, rounds=1, folds=3, seed=0)
+    path = tmp_path / "postprocess.json"
+    for tuned_tta in (True, False):
+        write_tuning(path, tuning, _state(), tta=tuned_tta, search={"grid": GRID})
+        for run_tta in (None, tuned_tta):
+            caplog.clear()
+            assert read_tuned(path, _state(), run_tta) == tuning.post and not caplog.records
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cellseg.tune"):
+            assert read_tuned(path, _state(), not tuned_tta) == tuning.post
+        used = "without TTA" if tuned_tta else "with TTA"
+        assert f"{path}: tuned on " in caplog.text and f"outputs, used {used}" in caplog.text

@@ -84,8 +84,9 @@ def submission_rows(image_id: str, labels) -> list[dict[str, str]]:
     return rows or [{"id": image_id, "predicted": ""}]
 
 
-def _postprocess(choice: str | Path, state: dict, checkpoint: Path) -> BaseModel | None:
-    """The post-processing ``predict_images``' ``postprocess`` names (None: the checkpoint's own)."""
+def _postprocess(choice: str | Path, state: dict, checkpoint: Path, tta: bool) -> BaseModel | None:
+    """The post-processing ``predict_images``' ``postprocess`` names (None: the checkpoint's own), for a run with
+    or without ``tta``."""
     if choice == "stored":
         return None
     path = checkpoint.parent / TUNED_FILE if choice == "auto" else Path(choice)
@@ -93,7 +94,7 @@ def _postprocess(choice: str | Path, state: dict, checkpoint: Path) -> BaseModel
         log.info("post-processing: the values stored in %s (no %s beside it)", checkpoint, TUNED_FILE)
         return None
     log.info("post-processing: tuned, from %s", path)
-    return read_tuned(path, state)
+    return read_tuned(path, state, tta)
 
 
 def predict_images(
@@ -127,7 +128,7 @@ def predict_images(
     skipped: list[dict[str, str]] = []
     paths = [p for p in find_images(inputs) if _unless_bad(image_shape, p, skip_bad, skipped) is not None]
     state = load_checkpoint(checkpoint)
-    predictor = model_predictor(state, checkpoint, device, _postprocess(postprocess, state, Path(checkpoint)), tta)
+    predictor = model_predictor(state, checkpoint, device, _postprocess(postprocess, state, Path(checkpoint), tta), tta)
     tables = _Tables(outputs)
     with atomic_path(out, directory=True) as tmp:
         for output in set(outputs) & set(FOLDERS):

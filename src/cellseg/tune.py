@@ -208,10 +208,12 @@ def tuning_metrics(tuning: Tuning) -> dict[str, float]:
     return metrics
 
 
-def read_tuned(path: Path, state: Mapping[str, Any]) -> BaseModel:
+def read_tuned(path: Path, state: Mapping[str, Any], tta: bool | None = None) -> BaseModel:
     """The post-processing a tune stage file holds for the loaded checkpoint ``state`` (as its model's
     post-processing params, :mod:`cellseg.registry`); a file of another model or
-    another checkpoint (retrained since), or one that is not such a file, raises :class:`DataError`."""
+    another checkpoint (retrained since), or one that is not such a file, raises :class:`DataError`. With
+    ``tta`` (whether the caller predicts with test-time augmentation), a file searched on the other kind of
+    outputs is used with a warning: its values were best for those."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -222,6 +224,12 @@ def read_tuned(path: Path, state: Mapping[str, Any]) -> BaseModel:
         raise DataError(f"{path}: tuned for model {record['model']!r}, not for this {state['model']} checkpoint")
     if record["checkpoint_sha256"] != content_hash(state):
         raise DataError(f"{path}: tuned for another checkpoint (the model was trained again since); rerun the tune stage")
+    if tta is not None and isinstance(record.get("tta"), bool) and record["tta"] != tta:
+        log.warning(
+            "%s: tuned on %s outputs, used %s: its values may not be the best here (tune with evaluate.tta %s)",
+            path, *(("test-time-augmented", "without TTA", "without") if record["tta"] else
+                    ("plain", "with TTA", "naming the model")),
+        )
     try:
         return MODELS[state["model"]].postprocess.model_validate(record["postprocess"])
     except ValidationError as exc:
