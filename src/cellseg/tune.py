@@ -225,10 +225,10 @@ def read_tuned(path: Path, state: Mapping[str, Any], tta: bool | None = None) ->
     if record["checkpoint_sha256"] != content_hash(state):
         raise DataError(f"{path}: tuned for another checkpoint (the model was trained again since); rerun the tune stage")
     if tta is not None and isinstance(record.get("tta"), bool) and record["tta"] != tta:
+        tuned_on, used = ("test-time-augmented", "without TTA") if record["tta"] else ("plain", "with TTA")
         log.warning(
-            "%s: tuned on %s outputs, used %s: its values may not be the best here (tune with evaluate.tta %s)",
-            path, *(("test-time-augmented", "without TTA", "without") if record["tta"] else
-                    ("plain", "with TTA", "naming the model")),
+            "%s: tuned on %s outputs, used %s: its values may not be the best here (rerun the tune stage with "
+            "evaluate.tta matching this run)", path, tuned_on, used,
         )
     try:
         return MODELS[state["model"]].postprocess.model_validate(record["postprocess"])
