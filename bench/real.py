@@ -14,7 +14,8 @@ as the ``evaluate`` stage does), in three parts:
    ``--tune``, the tune stage runs and each model is scored again with its tuned file: ``<model>+tuned``, whose
    cross-validated gain the tune stage's metrics give);
 2. **synthetic**: the default synthetic pipeline (``params.yaml`` unchanged) up to the trained models;
-3. **transfer**: those synthetic-only models scored on the same real validation images (the transfer gap).
+3. **transfer**: those synthetic-only models scored on the same real validation images (the transfer gap; with
+   ``--tune``, also with the tune stage's file searched on the synthetic validation images, as ``make run`` does).
    ``--no-synthetic`` skips 2 and 3; ``--transfer-only`` skips the training of 1 (the real data's stages still
    run, for the validation fold).
 
@@ -308,8 +309,12 @@ def main() -> None:
     if not args.no_synthetic:
         print("synthetic default (params.yaml) → synthetic-only models", flush=True)
         synth_seconds = pipeline(work / "synthetic", synth_params, logs, models, synthesize=True)
+        if args.tune:  # tuned on the synthetic validation images, as `make run` tunes them
+            synth_seconds |= tune_models(synth_params, logs, work / "synthetic", models)
         print("synthetic-only models on the real validation images", flush=True)
-        results["synthetic only (default)"] = evaluate(real_params, work / "real", work / "synthetic/models", models)
+        results["synthetic only (default)"] = evaluate(
+            real_params, work / "real", work / "synthetic/models", models, args.tta, args.tune
+        )
         runs["synthetic"] = work / "synthetic/metrics"
     curve = []
     if "unet" in real_models:

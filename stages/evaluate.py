@@ -66,6 +66,8 @@ def main() -> None:
         else:
             model_post = getattr(post, name)
             sources[name] = "from params.yaml (evaluate.postprocess: params)"
+        if tta:
+            sources[name] += "; scored with test-time augmentation (`evaluate.tta`)"
         model = predictor(checkpoint, path, device, model_post, tta=tta)
         evaluations.append(evaluate_predictor(model, store, val, coco_gt))
     write_json(args.metrics, {e.name: e.metrics for e in evaluations})

@@ -20,6 +20,7 @@ from cellseg.report import strengths, write_plots, write_report
 from cellseg.celltypes import CELL_TYPES
 from cellseg.sources.read import load_source
 from cellseg.sources.synthetic import synthesize
+from helpers.project import project_params
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,11 @@ def test_plots_and_report(dataset, tmp_path: Path) -> None:
     assert all(p.stat().st_size > 1000 for p in plots.values())
     assert len([c for c in plots if c.startswith("Overlay")]) == 6
     report = tmp_path / "reports" / "compare.md"
-    write_report(report, evaluations, store, ids, plots, {"unet": {"encoder": "efficientnet-b0"}, "maskrcnn": {}})
+    changes = {"unet": {"target": "flows"}, "maskrcnn": {"backbone": "resnet34_fpn"}}  # each model says how it works
+    params = {name: project_params(name, **change).model_dump() for name, change in changes.items()}
+    write_report(report, evaluations, store, ids, plots, params)
     text = report.read_text()
+    assert "The U-Net predicts cellpose's flows" in text and "Mask R-CNN (resnet34_fpn) detects each cell" in text
     assert "| cell type |" in text and "| shsy5y |" in text
     assert "Mask R-CNN leads with mAP 1.000" in text
     level = strengths(evaluations[1:] * 2, ["all"])

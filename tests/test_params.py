@@ -92,10 +92,11 @@ def test_bad_files(tmp_path: Path) -> None:
 
 
 def test_augment_names_are_the_data_modules() -> None:
-    """The params accept exactly the augmentations :mod:`cellseg.data` builds."""
+    """The params accept exactly the augmentations :mod:`cellseg.data` builds (all of them: the boundary target)."""
     from cellseg.augment import AUGMENTATIONS
 
-    assert config.section(_with({"unet.augment": list(AUGMENTATIONS)}), "unet").augment == list(AUGMENTATIONS)
+    every = {"unet.augment": list(AUGMENTATIONS), "unet.target": "boundary"}
+    assert config.section(_with(every), "unet").augment == list(AUGMENTATIONS)
     with pytest.raises(ParamsError, match="maskrcnn.augment.1: Value error, unknown augmentation 'spin'; the names are hflip"):
         config.section(_with({"maskrcnn.augment": ["hflip", "spin"]}), "maskrcnn")
 

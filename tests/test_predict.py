@@ -109,7 +109,7 @@ def test_unet_cells_get_the_heads_cell_type_and_its_min_size(cell_type: str, n_c
     """Two dark squares of 100 and 36 pixels; the head's cell type picks the minimum size (no truth is given)."""
     image = np.full((64, 96), 210, dtype=np.uint8)
     image[5:15, 5:15] = image[30:36, 50:56] = 40
-    params = project_params("unet", encoder="resnet18")
+    params = project_params("unet", encoder="resnet18", target="boundary")  # DarkCells' three classes
     post = project_params("postprocess.unet", min_size={"shsy5y": 1, "cort": 50, "astro": 1000})
     (found,) = UNetPredictor(DarkCells(cell_type), params, post, CPU).predict([image])
     assert found.image_type == cell_type and found.image_class == category_id(cell_type)
@@ -122,6 +122,9 @@ def test_predict_takes_no_cell_type() -> None:
     """A U-Net names the cell type itself: ``--cell-type`` is gone."""
     parser = build_parser()
     assert parser.parse_args(["predict", "--model", "m.pt", "images", "--out", "o"]).command == "predict"
+    tta = {flag: parser.parse_args(["predict", "--model", "m.pt", "images", "--out", "o", *flag]).tta
+           for flag in ((), ("--tta",), ("--no-tta",))}
+    assert tta == {(): None, ("--tta",): True, ("--no-tta",): False}  # None: as the tuned file was searched
     with pytest.raises(SystemExit):
         parser.parse_args(["predict", "--model", "m.pt", "images", "--out", "o", "--cell-type", "astro"])
 
@@ -180,8 +183,8 @@ def test_predict_uses_the_tuned_file_beside_the_checkpoint(
     images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``auto`` reads the tune stage's ``postprocess.json`` beside the checkpoint (here: a min_size no cell
-    reaches), ``stored`` the checkpoint's values; a file tuned on TTA outputs warns in a run without ``tta``; a
-    file tuned for another checkpoint is refused."""
+    reaches), ``stored`` the checkpoint's values; a file tuned on TTA outputs turns TTA on unless the caller says
+    (and warns when told off); a file tuned for another checkpoint is refused."""
     post = project_params("postprocess.unet", min_size={"default": 5}, marker_threshold=0.3)
     (tmp_path / "model").mkdir()
     ckpt = save_unet(tmp_path / "model" / "best.pt", post.model_dump())
@@ -190,7 +193,10 @@ def test_predict_uses_the_tuned_file_beside_the_checkpoint(
     (tmp_path / "model" / TUNED_FILE).write_text(json.dumps(record))
     stored = predict_images(ckpt, [images], tmp_path / "stored", device=CPU, postprocess="stored")
     assert stored["instances"] > 0
-    assert predict_images(ckpt, [images], tmp_path / "auto", device=CPU)["instances"] == 0
+    with caplog.at_level("INFO", logger="cellseg.predict"):
+        assert predict_images(ckpt, [images], tmp_path / "auto", device=CPU)["instances"] == 0
+    assert "test-time augmentation: on, as" in caplog.text and "used without TTA" not in caplog.text
+    assert predict_images(ckpt, [images], tmp_path / "plain", device=CPU, tta=False)["instances"] == 0
     assert "tuned on test-time-augmented outputs, used without TTA" in caplog.text
     named = predict_images(ckpt, [images], tmp_path / "named", device=CPU, postprocess=tmp_path / "model" / TUNED_FILE)
     assert named["instances"] == 0

@@ -81,7 +81,7 @@ def test_tiled_unet_cells_match_the_unet_in_one_piece() -> None:
     """The U-Net's post-processing (watershed, minimum size, confidences) on tiles, merged, gives what it gives
     on the whole 1,600 × 1,800 image at once."""
     image = discs((1600, 1800), 350, seed=1)
-    params = project_params("unet", encoder="resnet18")
+    params = project_params("unet", encoder="resnet18", target="boundary")  # DarkCells' three classes
     post = project_params("postprocess.unet", min_size={"default": 20})
     predictor = UNetPredictor(DarkCells("cort"), params, post, CPU)
     (whole,) = predictor.predict([image])

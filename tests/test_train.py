@@ -189,7 +189,7 @@ def test_validate_scores_instances_with_the_predicted_cell_type(sets: tuple[Patc
         type_logits = 20.0 * F.one_hot(torch.tensor([CELL_TYPES.index(guess[item["cell_type"]])]), 3).float()
         outputs.append((logits, type_logits))
     post = project_params("postprocess.unet", min_size={"shsy5y": 1, "astro": 1, "cort": 10**6})
-    task = UNetTask(project_params("unet"), post, False)
+    task = UNetTask(project_params("unet", target="boundary"), post, False)  # the replayed three classes
     loader = DataLoader(val, batch_size=1, collate_fn=WholeImageDataset.collate)
 
     metrics = task.validate(ReplayNet(outputs), loader, CPU)

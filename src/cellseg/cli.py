@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", type=_device, default="auto", help="auto (CUDA when present), or cpu, cuda, cuda:1 ... if present"
     )
     predict.add_argument(
-        "--tta", action="store_true",
+        "--tta", action=argparse.BooleanOptionalAction, default=None,
         help="test-time augmentation: the U-Net's outputs averaged over the 8 flips and quarter turns (8× slower); "
-        "Mask R-CNN's detections of the image and its 3 flips fused (4× slower)",
+        "Mask R-CNN's detections of the image and its 3 flips fused (4× slower). Default: as the tuned "
+        "post-processing file was searched (the tune stage follows evaluate.tta), off without one",
     )
     predict.add_argument(
         "--postprocess", default="auto", metavar="auto|stored|FILE",

@@ -45,7 +45,7 @@ from cellseg.lab_images import IMAGE_SUFFIXES, LabImage, image_shape, read_image
 from cellseg.measure import cell_measurements, image_summary
 from cellseg.outputs import Kind, check_outputs
 from cellseg.tiling import segment_any_size
-from cellseg.tune import TUNED_FILE, read_tuned
+from cellseg.tune import TUNED_FILE, read_tuned, searched_with_tta
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,20 @@ def submission_rows(image_id: str, labels) -> list[dict[str, str]]:
     return rows or [{"id": image_id, "predicted": ""}]
 
 
-def _postprocess(choice: str | Path, state: dict, checkpoint: Path, tta: bool) -> BaseModel | None:
-    """The post-processing ``predict_images``' ``postprocess`` names (None: the checkpoint's own), for a run with
-    or without ``tta``."""
-    if choice == "stored":
-        return None
+def _postprocess(choice: str | Path, state: dict, checkpoint: Path, tta: bool | None) -> tuple[BaseModel | None, bool]:
+    """The post-processing ``predict_images``' ``postprocess`` names (None: the checkpoint's own), and whether to
+    use test-time augmentation: ``tta``, or where it is None, as the tuned file was searched (off without one)."""
     path = checkpoint.parent / TUNED_FILE if choice == "auto" else Path(choice)
-    if choice == "auto" and not path.is_file():
-        log.info("post-processing: the values stored in %s (no %s beside it)", checkpoint, TUNED_FILE)
-        return None
+    if choice == "stored" or (choice == "auto" and not path.is_file()):
+        if choice == "auto":
+            log.info("post-processing: the values stored in %s (no %s beside it)", checkpoint, TUNED_FILE)
+        return None, bool(tta)
     log.info("post-processing: tuned, from %s", path)
-    return read_tuned(path, state, tta)
+    post = read_tuned(path, state, tta)
+    if tta is None:
+        tta = searched_with_tta(path)
+        log.info("test-time augmentation: %s, as %s was searched", "on" if tta else "off", path)
+    return post, tta
 
 
 def predict_images(
@@ -105,7 +108,7 @@ def predict_images(
     overwrite: bool = False,
     batch_size: int = 4,
     device: torch.device,
-    tta: bool = False,
+    tta: bool | None = None,
     postprocess: str | Path = "auto",
     scale: float = 1.0,
     overlap: int = 192,
@@ -114,8 +117,9 @@ def predict_images(
 ) -> dict[str, int]:
     """Segment every input image and write the ``outputs`` of the module docstring into ``out``.
 
-    ``tta``: with test-time augmentation; ``postprocess``: ``auto`` (the tune stage's file beside the checkpoint
-    when there is one, else the values stored in the checkpoint), ``stored``, or a tune stage's file;
+    ``tta``: with test-time augmentation or not (None: as the tuned file was searched; off without one);
+    ``postprocess``: ``auto`` (the tune stage's file beside the checkpoint when there is one, else the values
+    stored in the checkpoint), ``stored``, or a tune stage's file;
     ``scale``: the factor that gives the images the competition's pixel size; ``overlap``: of the tiles of
     large images; ``batch_size``: tiles per forward pass. Returns the counts of images, cells and skipped files.
     """
@@ -128,7 +132,8 @@ def predict_images(
     skipped: list[dict[str, str]] = []
     paths = [p for p in find_images(inputs) if _unless_bad(image_shape, p, skip_bad, skipped) is not None]
     state = load_checkpoint(checkpoint)
-    predictor = model_predictor(state, checkpoint, device, _postprocess(postprocess, state, Path(checkpoint), tta), tta)
+    post, tta = _postprocess(postprocess, state, Path(checkpoint), tta)
+    predictor = model_predictor(state, checkpoint, device, post, tta)
     tables = _Tables(outputs)
     with atomic_path(out, directory=True) as tmp:
         for output in set(outputs) & set(FOLDERS):

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from cellseg.config import MaskRCNNParams, MaskRCNNPostprocess, UNetParams, UNetPostprocess
 from cellseg.instances import Predictor
 from cellseg.models import maskrcnn, unet
+from cellseg.models.unet_targets import unet_target
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,35 @@ class ModelEntry:
     params: type[BaseModel]  # its params section (``<name>``), stored in its checkpoints
     postprocess: type[BaseModel]  # its post-processing params (``postprocess.<name>``), also stored
     architecture: Callable[[Any], torch.nn.Module]  # the untrained model its params describe (no download)
+    describe: Callable[[Any], str]  # its params → how it finds cells, in a sentence (the report's)
     # (trained model, params, post-processing params, device, test-time augmentation) → whole-image inference
     predictor: Callable[[torch.nn.Module, Any, Any, torch.device, bool], Predictor]
+
+
+def _describe_unet(params: UNetParams) -> str:
+    return (
+        f"The U-Net {unet_target(params).how}; a classification head on its encoder names the image's cell "
+        "type, which every cell gets; a cell's confidence is its mean foreground probability."
+    )
+
+
+def _describe_maskrcnn(params: MaskRCNNParams) -> str:
+    return (
+        f"Mask R-CNN ({params.backbone}) detects each cell with its own mask, cell type and confidence (shown on "
+        "the overlays); overlapping masks are resolved in favour of the more confident cell."
+    )
 
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in (
         ModelEntry(
-            "unet", "U-Net (EfficientNet-B0)", UNetParams, UNetPostprocess, unet.architecture, unet.UNetPredictor,
+            "unet", "U-Net (EfficientNet-B0)", UNetParams, UNetPostprocess, unet.architecture, _describe_unet,
+            unet.UNetPredictor,
         ),
         ModelEntry(
             "maskrcnn", "Mask R-CNN", MaskRCNNParams, MaskRCNNPostprocess, maskrcnn.architecture,
-            maskrcnn.MaskRCNNPredictor,
+            _describe_maskrcnn, maskrcnn.MaskRCNNPredictor,
         ),
     )
 }

@@ -134,11 +134,7 @@ def write_report(
         "## What each is good at",
         "",
         *strengths(evaluations, groups),
-        "- The U-Net labels pixels (background / interior / boundary) and splits touching cells by watershed; a "
-        "classification head on its encoder names the image's cell type, which every cell gets; a cell's "
-        "confidence is its mean foreground probability.",
-        "- Mask R-CNN detects each cell with its own mask, cell type and confidence (shown on the overlays); "
-        "overlapping masks are resolved in favour of the more confident cell.",
+        *(f"- {MODELS[name].describe(MODELS[name].params.model_validate(values))}" for name, values in params.items()),
     ]
     for e in evaluations:
         line = f"- {MODELS[e.name].display}: inference at {e.metrics['images_per_s']:.1f} images/s on this machine"

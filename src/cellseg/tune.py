@@ -237,6 +237,11 @@ def read_tuned(path: Path, state: Mapping[str, Any], tta: bool | None = None) ->
         raise DataError(f"{path}: postprocess.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
 
 
+def searched_with_tta(path: Path) -> bool:
+    """Whether a tune stage file (read and checked by :func:`read_tuned`) was searched on test-time-augmented outputs."""
+    return json.loads(Path(path).read_text(encoding="utf-8")).get("tta") is True
+
+
 def tuned_summary(path: Path) -> str:
     """One line for a report: where a (read, so valid) tune stage file's values come from and what they scored."""
     scores = {kind: groups["all"] for kind, groups in json.loads(Path(path).read_text())["map"].items()}

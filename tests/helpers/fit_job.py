@@ -61,8 +61,9 @@ class TinyNet(nn.Module):
 
 
 def unet_task_args(**changes: object) -> tuple[UNetParams, UNetPostprocess, bool]:
-    """:class:`UNetTask`'s arguments: params.yaml's ``unet`` (with ``changes``) and ``postprocess.unet``, no channels_last."""
-    return project_params("unet", **changes), project_params("postprocess.unet"), False
+    """:class:`UNetTask`'s arguments: params.yaml's ``unet`` with the ``boundary`` target (:class:`TinyNet`'s three
+    classes; the trainer's tests' data have no flows) and ``changes``, ``postprocess.unet``, no channels_last."""
+    return project_params("unet", **{"target": "boundary", **changes}), project_params("postprocess.unet"), False
 
 
 def run_in(out: Path, tracker: Tracker | None = None, **records: object) -> TrainingRun:

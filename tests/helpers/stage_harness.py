@@ -126,7 +126,7 @@ def base_params(root: Path) -> dict:
     raw["synth"].update(images=3)
     raw["split"].update(n_folds=2, fold=0)
     raw["patches"].update(size=32)
-    raw["unet"].update(encoder="resnet18", encoder_weights="none")
+    raw["unet"].update(encoder="resnet18", encoder_weights="none", target="boundary")  # no flows stage before it
     raw["train"]["unet"].update(
         epochs=1, batch_size=2, workers=0, device="cpu", samples_per_epoch=2, amp=False, channels_last=False
     )

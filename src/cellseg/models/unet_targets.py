@@ -33,6 +33,7 @@ class BoundaryTarget:
 
     vectors = False
     post_fields = ("marker_threshold", "mask_threshold", "min_size")  # the post-processing values it reads
+    how = "labels pixels (background / interior / boundary) and splits touching cells by watershed"
 
     def __init__(self, params: UNetParams) -> None:
         self.params = params
@@ -78,6 +79,7 @@ class FlowTarget:
 
     vectors = True
     post_fields = ("cellprob_threshold", "flow_threshold", "min_size")
+    how = "predicts cellpose's flows and a cell probability; cellpose's dynamics follow the flows to each cell"
 
     def __init__(self, params: UNetParams, flows_dir: Path | None = None) -> None:
         self.params, self.flows_dir = params, flows_dir
