@@ -179,20 +179,22 @@ def tune_models(params: Path, logs: Path, work: Path, models: tuple[str, ...]) -
 
 
 def evaluate(
-    params: Path, data: Path, models: Path, names: tuple[str, ...], tta: bool = False, tuned: bool = False
+    params: Path, data: Path, models: Path, names: tuple[str, ...], tta: bool = False, tuned_by: Path | None = None
 ) -> dict[str, dict]:
     """Each model's checkpoint under ``models`` scored on the validation fold of ``data`` (a real pipeline's
     work dir), with the post-processing of ``params``, as the ``evaluate`` stage does; with ``tta``, each model
-    again with test-time augmentation (``<model>+tta``); with ``tuned``, each model again with its tune stage's
-    file, and with test-time augmentation where ``evaluate.tta`` names the model, as the tune stage searched it
-    and the ``evaluate`` stage scores it (``<model>+tuned``, ``<model>+tta+tuned``)."""
+    again with test-time augmentation (``<model>+tta``); with ``tuned_by`` (the params its tune stage ran with),
+    each model again with its tune stage's file, and with test-time augmentation where their ``evaluate.tta``
+    names the model, as the tune stage searched it and the ``evaluate`` stage scores it (``<model>+tuned``,
+    ``<model>+tta+tuned``)."""
     raw = config.read_params(params)
     val = json.loads((data / "split.json").read_text())["val"]
     store = ImageStore(Path(config.section(raw, "data").root), data / "decoded", val)
     coco_gt = json.loads((data / "coco/coco_val.json").read_text())
     device = pick_device("auto")
     post = config.section(raw, "postprocess")
-    tuned_tta = config.section(raw, "evaluate").tta
+    tuned = tuned_by is not None
+    tuned_tta = config.section(config.read_params(tuned_by), "evaluate").tta if tuned else []
     runs = [(name, name, False, False) for name in names]
     runs += [(f"{name}+tta", name, True, False) for name in names] if tta else []
     runs += [(f"{name}{'+tta' * (name in tuned_tta)}+tuned", name, name in tuned_tta, True) for name in names] if tuned else []
@@ -304,7 +306,9 @@ def main() -> None:
         real_seconds |= tune_models(real_params, logs, work / "real", real_models)
     results, synth_seconds, runs = {}, {}, {}
     if real_models:
-        results["real training folds"] = evaluate(real_params, work / "real", work / "real/models", models, args.tta, args.tune)
+        results["real training folds"] = evaluate(
+            real_params, work / "real", work / "real/models", models, args.tta, real_params if args.tune else None
+        )
         runs["real"] = work / "real/metrics"
     if not args.no_synthetic:
         print("synthetic default (params.yaml) → synthetic-only models", flush=True)
@@ -313,7 +317,7 @@ def main() -> None:
             synth_seconds |= tune_models(synth_params, logs, work / "synthetic", models)
         print("synthetic-only models on the real validation images", flush=True)
         results["synthetic only (default)"] = evaluate(
-            real_params, work / "real", work / "synthetic/models", models, args.tta, args.tune
+            real_params, work / "real", work / "synthetic/models", models, args.tta, synth_params if args.tune else None
         )
         runs["synthetic"] = work / "synthetic/metrics"
     curve = []
@@ -331,6 +335,8 @@ def main() -> None:
         "stage_seconds": {"real": real_seconds, "synthetic": synth_seconds},
         "training": {run: {m: training_summary(metrics / m) for m in models} for run, metrics in runs.items()},
         "tuning": {m: json.loads((work / f"real/metrics/{m}/tune.json").read_text()) for m in real_models} if args.tune else {},
+        "synthetic_tuning": {m: json.loads((work / f"synthetic/metrics/{m}/tune.json").read_text()) for m in models}
+        if args.tune and not args.no_synthetic else {},
         "results": results,
         "unet_curve": curve,
         "wall_minutes": (time.perf_counter() - began) / 60,
