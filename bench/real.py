@@ -211,6 +211,11 @@ def evaluate(
     return results
 
 
+def tune_summary(metrics_dir: Path, models: tuple[str, ...]) -> dict[str, dict]:
+    """Each model's tune stage metrics (the gain per cell type) under ``metrics_dir``."""
+    return {m: json.loads((metrics_dir / m / "tune.json").read_text()) for m in models}
+
+
 def training_summary(metrics_dir: Path) -> dict:
     """Epochs, training and validation minutes, and the last epoch's validation figures of one model."""
     epochs = pd.read_csv(metrics_dir / "epochs.csv")
@@ -334,9 +339,8 @@ def main() -> None:
         "budget": budget,
         "stage_seconds": {"real": real_seconds, "synthetic": synth_seconds},
         "training": {run: {m: training_summary(metrics / m) for m in models} for run, metrics in runs.items()},
-        "tuning": {m: json.loads((work / f"real/metrics/{m}/tune.json").read_text()) for m in real_models} if args.tune else {},
-        "synthetic_tuning": {m: json.loads((work / f"synthetic/metrics/{m}/tune.json").read_text()) for m in models}
-        if args.tune and not args.no_synthetic else {},
+        "tuning": tune_summary(work / "real/metrics", real_models) if args.tune else {},
+        "synthetic_tuning": tune_summary(work / "synthetic/metrics", models) if args.tune and not args.no_synthetic else {},
         "results": results,
         "unet_curve": curve,
         "wall_minutes": (time.perf_counter() - began) / 60,

@@ -14,7 +14,7 @@ import torch
 from cellseg.config import UNetPostprocess
 from cellseg.errors import DataError
 from cellseg.instances import Instances
-from cellseg.tune import loosest, read_tuned, tune, tuned_summary, tuning_metrics, write_tuning
+from cellseg.tune import loosest, read_tuned, read_tuning, tune, tuned_summary, tuning_metrics, write_tuning
 from helpers.project import project_params
 
 SIZE = 64
@@ -172,6 +172,7 @@ def test_a_file_tuned_on_the_other_kind_of_outputs_is_used_with_a_warning(tmp_pa
     path = tmp_path / "postprocess.json"
     for tuned_tta in (True, False):
         write_tuning(path, tuning, _state(), tta=tuned_tta, search={"grid": GRID})
+        assert read_tuning(path, _state()) == (tuning.post, tuned_tta)  # the values, and the outputs searched
         for run_tta in (None, tuned_tta):
             caplog.clear()
             assert read_tuned(path, _state(), run_tta) == tuning.post and not caplog.records

@@ -45,7 +45,7 @@ from cellseg.lab_images import IMAGE_SUFFIXES, LabImage, image_shape, read_image
 from cellseg.measure import cell_measurements, image_summary
 from cellseg.outputs import Kind, check_outputs
 from cellseg.tiling import segment_any_size
-from cellseg.tune import TUNED_FILE, read_tuned, searched_with_tta
+from cellseg.tune import TUNED_FILE, read_tuning
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ def _postprocess(choice: str | Path, state: dict, checkpoint: Path, tta: bool | 
             log.info("post-processing: the values stored in %s (no %s beside it)", checkpoint, TUNED_FILE)
         return None, bool(tta)
     log.info("post-processing: tuned, from %s", path)
-    post = read_tuned(path, state, tta)
+    post, searched_with_tta = read_tuning(path, state, tta)
     if tta is None:
-        tta = searched_with_tta(path)
+        tta = searched_with_tta
         log.info("test-time augmentation: %s, as %s was searched", "on" if tta else "off", path)
     return post, tta
 

@@ -209,8 +209,14 @@ def tuning_metrics(tuning: Tuning) -> dict[str, float]:
 
 
 def read_tuned(path: Path, state: Mapping[str, Any], tta: bool | None = None) -> BaseModel:
+    """The post-processing a tune stage file holds for the loaded checkpoint ``state``: :func:`read_tuning`'s."""
+    return read_tuning(path, state, tta)[0]
+
+
+def read_tuning(path: Path, state: Mapping[str, Any], tta: bool | None = None) -> tuple[BaseModel, bool]:
     """The post-processing a tune stage file holds for the loaded checkpoint ``state`` (as its model's
-    post-processing params, :mod:`cellseg.registry`); a file of another model or
+    post-processing params, :mod:`cellseg.registry`), and whether it was searched on test-time-augmented
+    outputs; a file of another model or
     another checkpoint (retrained since), or one that is not such a file, raises :class:`DataError`. With
     ``tta`` (whether the caller predicts with test-time augmentation), a file searched on the other kind of
     outputs is used with a warning: its values were best for those."""
@@ -231,15 +237,10 @@ def read_tuned(path: Path, state: Mapping[str, Any], tta: bool | None = None) ->
             "evaluate.tta matching this run)", path, tuned_on, used,
         )
     try:
-        return MODELS[state["model"]].postprocess.model_validate(record["postprocess"])
+        return MODELS[state["model"]].postprocess.model_validate(record["postprocess"]), record.get("tta") is True
     except ValidationError as exc:
         error = exc.errors()[0]
         raise DataError(f"{path}: postprocess.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
-
-
-def searched_with_tta(path: Path) -> bool:
-    """Whether a tune stage file (read and checked by :func:`read_tuned`) was searched on test-time-augmented outputs."""
-    return json.loads(Path(path).read_text(encoding="utf-8")).get("tta") is True
 
 
 def tuned_summary(path: Path) -> str:
