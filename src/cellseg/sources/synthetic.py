@@ -15,30 +15,34 @@ Everything follows from the seed; image ``k`` is drawn from its own generator
   plate time as pandas prints a Timedelta; ``sample_date`` is the plate's date. Ids are 12 hex characters
   hashed from the seed and the image index.
 
-Cells per image (log-normal, clipped) and cell area in pixels (log-normal, clipped):
+Cells per image (log-normal, clipped) and cell area in pixels (log-normal, clipped), set so that the
+measured medians match the real images' (``bench/synthetic_realism.py``, ``docs/benchmarks.md``):
 
 ==========  =========================  ===============================  ===================================
 type        cells per image            area                             shape and layout
 ==========  =========================  ===============================  ===================================
-``shsy5y``  median 310, 100–700        median 268, smaller in crowded   elongated (aspect 1.3–3.5), wobbly
-            (mean ~315)                images (× √(310/n)), 50–750      bodies in touching clusters of ~12
-``astro``   median 42, 10–80 (~45)     median 1800, 500–6000            spread star-like cells, 3–7 lobes
-``cort``    median 55, 30–200 (~62)    median 180, 80–400               small round bodies, loose clusters
+``shsy5y``  median 350, 100–800        median 215, smaller in crowded   elongated (aspect 1.2–2.8), wobbly
+                                       images (× √(350/n)), 50–750      bodies in touching clusters of ~12
+``astro``   median 66, 15–150          median 800, 150–6000             spread, elongated (aspect 2–5)
+                                                                        cells with 1–4 lobes
+``cort``    median 30, 5–150           median 230, 80–600               small round bodies, loose clusters
 ==========  =========================  ===============================  ===================================
 
-With seed 0, 606 images hold 74,585 cells (48,740 shsy5y, 5,832 astro, 20,013 cort; real: about 73,000).
+With seed 0, 606 images hold 76,436 cells (55,068 shsy5y, 9,511 astro, 11,857 cort; real: about 73,000).
 Masks are drawn independently, so neighbours may overlap a little, as in the real annotations: a cell may
-share at most 18 % (shsy5y), 12 % (astro) or 5 % (cort) of its pixels with earlier cells (a 340-cell shsy5y
-image has about 3,000 pixels in two or more masks; the real one has 3,354 with 395). Every mask is one
+share at most 18 % (shsy5y), 12 % (astro) or 5 % (cort) of its pixels with earlier cells. Every mask is one
 4-connected component inside the image (cells are clipped at the border, keeping the largest piece).
 
-Look (phase contrast): an optical-thickness map of the bodies (with internal texture) is blurred and turned
-into intensity: bodies darker than the background, with a bright halo just outside their border. The
-background (mean ~128) has fine texture, a slow illumination gradient, low-frequency mottling and Gaussian
-noise. Two kinds of structures are drawn but never annotated, as in the real data: neurites (thin curved
-1–2 px dark lines with bright flanks, most starting at a cell body; cort cells get ~2 each, so they read as
-round bodies with thin processes) and clumps of 4–24 small round dead cells (mostly bright blobs, some
-with a dark core, in a bright glow).
+Look (phase contrast), fitted per type to statistics of the 361 real images (:class:`_Look`; only those
+numbers, never a real pixel or mask): every pixel within 8 px of a cell takes the type's **border profile**
+at its signed distance from that cell's border (the real median grey level at each distance: a dark band
+2–3 px inside, the bright rim on the cell's outermost annotated pixels, the background 2–3 px out), sharpened
+and moved in or out by up to 1 px per cell (so that the average over cells is the real median profile), times a
+per-cell contrast; bodies have a fine grain. The background is flat (grey 128, faint gradient and mottling,
+pixel noise). Drawn but never annotated, as in the real data: neurites (1 px dark lines with bright flanks,
+from cell bodies and a web crossing the image: dense for cort and shsy5y), specks of debris (dark dots with a
+bright rim: hundreds on a cort image) and clumps of small round dead cells (mostly bright, some with a dark
+core, in a bright ring).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from cellseg import io
@@ -83,7 +88,6 @@ class _Morph:
     clustered: float  # share of cells placed around cluster centres
     per_cluster: int  # mean cells per cluster
     max_overlap: float  # largest share of a cell's pixels already covered by earlier cells
-    thickness: tuple[float, float]  # optical thickness of the body
     neurites: float  # neurites per cell
     neurite_length: tuple[int, int]  # pixels
     dead_clumps: tuple[int, int]  # clumps of dead cells per image
@@ -91,46 +95,82 @@ class _Morph:
 
 _MORPH = {
     "shsy5y": _Morph(
-        count=(310, 0.45, 100, 700),
-        area=(268, 0.5, 50, 750),
-        aspect=(1.3, 3.5),
+        count=(350, 0.45, 100, 800),
+        area=(215, 0.55, 50, 750),
+        aspect=(1.2, 2.8),
         lobes=(0, 0),
         wobble=0.2,
         clustered=0.9,
         per_cluster=12,
         max_overlap=0.18,
-        thickness=(0.7, 1.2),
         neurites=0.5,
         neurite_length=(20, 160),
         dead_clumps=(15, 40),
     ),
     "astro": _Morph(
-        count=(42, 0.4, 10, 80),
-        area=(1800, 0.5, 500, 6000),
-        aspect=(1.0, 1.6),
-        lobes=(3, 7),
+        count=(66, 0.5, 15, 150),
+        area=(800, 0.75, 150, 6000),
+        aspect=(2.0, 5.0),
+        lobes=(1, 4),
         wobble=0.1,
         clustered=0.3,
         per_cluster=4,
         max_overlap=0.12,
-        thickness=(0.4, 0.8),
         neurites=0.3,
         neurite_length=(40, 250),
         dead_clumps=(2, 10),
     ),
     "cort": _Morph(
-        count=(55, 0.45, 30, 200),
-        area=(180, 0.4, 80, 400),
+        count=(30, 0.6, 5, 150),
+        area=(230, 0.45, 80, 600),
         aspect=(1.0, 1.5),
         lobes=(0, 0),
         wobble=0.08,
         clustered=0.5,
         per_cluster=5,
         max_overlap=0.05,
-        thickness=(0.9, 1.4),
         neurites=2.0,
         neurite_length=(15, 90),
         dead_clumps=(5, 20),
+    ),
+}
+
+
+_PROFILE_START = -8  # signed distance of the first knot of a profile
+_EDGE_JITTER = 1.0  # each cell's drawn edge moves up to this many pixels in or out of its annotation
+_SHARPEN = 3.0  # a cell's edge is sharper than the median profile over cells (see :func:`_sharpened`)
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How one cell type's images look. The profile is the real images' median; the other values were set so
+    that the synthetic images' statistics come close to the real ones (``bench/synthetic_realism.py`` measures
+    both with :mod:`cellseg.appearance`: the background's texture and dark outliers, the cells' texture; the
+    table in ``docs/benchmarks.md``). No real pixel is used."""
+
+    profile: tuple[float, ...]  # grey minus the background at signed distances −8, −7, …, +4 px from the border
+    contrast_sigma: float  # log-sigma of each cell's factor on its profile and grain
+    grain: float  # grey standard deviation of the bodies' fine texture
+    noise: float  # grey standard deviation of the pixel noise
+    web: float  # mean number of long processes crossing the image
+    neurite_contrast: float  # grey levels of the neurites' bright flanks (their dark line: 3/4 of it)
+    debris: float  # mean number of specks per image
+    speck_contrast: float  # a speck's dark core is 0.6 of this many grey levels (its rim about as bright)
+
+
+# profile: the real medians per type (``bench/synthetic_realism.json``: 24 shsy5y, 88 astro, 249 cort images), rounded.
+_LOOK = {
+    "shsy5y": _Look(
+        profile=(-1.9, -3.3, -4.1, -4.9, -7.0, -9.8, -6.4, 3.2, 8.6, 4.2, 0.8, 0.2, 0.0),
+        contrast_sigma=0.7, grain=5.0, noise=3.0, web=60, neurite_contrast=70.0, debris=300, speck_contrast=600.0,
+    ),
+    "astro": _Look(
+        profile=(-0.4, -0.8, -1.2, -2.0, -3.1, -4.8, -4.2, 1.2, 4.5, 2.1, 0.4, 0.1, 0.0),
+        contrast_sigma=0.7, grain=4.0, noise=2.5, web=10, neurite_contrast=70.0, debris=40, speck_contrast=500.0,
+    ),
+    "cort": _Look(
+        profile=(-6.1, -8.0, -9.1, -11.0, -12.4, -15.2, -15.0, -2.9, 11.5, 7.6, 1.5, 0.3, 0.0),
+        contrast_sigma=0.7, grain=8.0, noise=4.0, web=120, neurite_contrast=70.0, debris=900, speck_contrast=900.0,
     ),
 }
 
@@ -235,38 +275,37 @@ def _image_id(seed: int, k: int, taken: set[str]) -> str:
 
 def _render(rng: np.random.Generator, cell_type: str) -> tuple[np.ndarray, list[str]]:
     """Draw one image: the uint8 picture and the RLE of each cell."""
-    morph = _MORPH[cell_type]
-    thickness, annotations, centres = _place_cells(rng, morph)
-    thickness *= 1.0 + 0.3 * _smooth_noise(rng, 1.5)  # internal texture of the bodies
-    neurites = _neurites(rng, morph, centres)
+    morph, look = _MORPH[cell_type], _LOOK[cell_type]
+    labels, annotations, centres = _place_cells(rng, morph)
+    neurites = _neurites(rng, morph, look, centres)
+    debris = _debris(rng, look)
     dead = _dead_cells(rng, morph)
-    return _compose(rng, thickness, neurites, dead), annotations
+    return _compose(rng, look, labels, neurites, debris, dead), annotations
 
 
 def _place_cells(rng: np.random.Generator, morph: _Morph) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Place the image's cells; return the thickness map, the RLEs and the cell centres (row, col)."""
+    """Place the image's cells; return their label map (a later cell covers an earlier one where they
+    overlap), the RLEs and the cell centres (row, col)."""
     median, sigma, low, high = morph.count
     n_cells = int(np.clip(round(rng.lognormal(np.log(median), sigma)), low, high))
     crowding = min(1.0, np.sqrt(morph.count[0] / n_cells))  # crowded images have smaller cells
     clusters = _cluster_centres(rng, morph, n_cells)
-    occupied = np.zeros((HEIGHT, WIDTH), dtype=bool)
-    thickness = np.zeros((HEIGHT, WIDTH), dtype=np.float32)
+    labels = np.zeros((HEIGHT, WIDTH), dtype=np.int32)
     annotations: list[str] = []
     centres: list[tuple[float, float]] = []
     for _ in range(3 * n_cells):  # shapes that fit nowhere are redrawn, up to 3 per cell on average
         if len(annotations) == n_cells:
             break
         local = _cell_shape(rng, morph, crowding)
-        placed = _find_place(rng, morph, local, clusters, occupied)
+        placed = _find_place(rng, morph, local, clusters, labels)
         if placed is None:
             continue
         (r0, c0), mask = placed
-        box = np.s_[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
-        occupied[box] |= mask
-        thickness[box] += mask * np.float32(rng.uniform(*morph.thickness))
+        box = labels[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
+        box[mask] = len(annotations) + 1
         annotations.append(_encode_box(mask, r0, c0))
         centres.append((r0 + mask.shape[0] / 2, c0 + mask.shape[1] / 2))
-    return thickness, annotations, np.array(centres).reshape(-1, 2)
+    return labels, annotations, np.array(centres).reshape(-1, 2)
 
 
 def _cluster_centres(rng: np.random.Generator, morph: _Morph, n_cells: int) -> np.ndarray:
@@ -325,7 +364,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _find_place(
-    rng: np.random.Generator, morph: _Morph, local: np.ndarray, clusters: np.ndarray, occupied: np.ndarray
+    rng: np.random.Generator, morph: _Morph, local: np.ndarray, clusters: np.ndarray, labels: np.ndarray
 ) -> tuple[tuple[int, int], np.ndarray] | None:
     """Top-left corner and (border-clipped) mask of a position where the cell overlaps little; None if none."""
     h, w = local.shape
@@ -343,7 +382,7 @@ def _find_place(
         area = np.count_nonzero(mask)
         if area < morph.area[2]:
             continue
-        overlap = np.count_nonzero(occupied[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] & mask)
+        overlap = np.count_nonzero(labels[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask])
         if overlap <= morph.max_overlap * area:
             return (r0, c0), mask
     return None
@@ -384,16 +423,20 @@ def _encode_box(mask: np.ndarray, r0: int, c0: int) -> str:
 # ---------------------------------------------------------------- unannotated structures and optics
 
 
-def _neurites(rng: np.random.Generator, morph: _Morph, centres: np.ndarray) -> np.ndarray:
-    """Thickness map of thin curved processes, many starting at cell bodies; never annotated."""
+def _neurites(rng: np.random.Generator, morph: _Morph, look: _Look, centres: np.ndarray) -> np.ndarray:
+    """Strength map of thin curved processes, most starting at cell bodies, plus the type's web of processes
+    crossing the image; never annotated."""
     n = rng.poisson(morph.neurites * max(len(centres), 10))
     from_cell = rng.random(n) < 0.7 if len(centres) else np.zeros(n, dtype=bool)
     starts = rng.uniform((0, 0), (HEIGHT, WIDTH), size=(n, 2))
     if from_cell.any():
         starts[from_cell] = centres[rng.integers(len(centres), size=int(from_cell.sum()))]
     lengths = rng.integers(*morph.neurite_length, size=n)
-    heading = rng.uniform(0, 2 * np.pi, size=n)
-    strength = rng.uniform(0.25, 0.7, size=n)
+    n_web = rng.poisson(look.web)
+    starts = np.concatenate([starts, rng.uniform((0, 0), (HEIGHT, WIDTH), size=(n_web, 2))])
+    lengths = np.concatenate([lengths, rng.integers(60, 400, size=n_web)])
+    heading = rng.uniform(0, 2 * np.pi, size=len(starts))
+    strength = rng.uniform(0.25, 0.7, size=len(starts))
     step = 0.7
     points, weights = [], []
     for start, length, angle, weight in zip(starts, lengths, heading, strength, strict=True):
@@ -404,6 +447,12 @@ def _neurites(rng: np.random.Generator, morph: _Morph, centres: np.ndarray) -> n
     if not points:
         return np.zeros((HEIGHT, WIDTH), dtype=np.float32)
     return _splat(np.concatenate(points), np.concatenate(weights), cap=0.8)
+
+
+def _debris(rng: np.random.Generator, look: _Look) -> np.ndarray:
+    """Point map of single specks (small dark dots with a bright rim, after :func:`_compose`); never annotated."""
+    n = rng.poisson(look.debris)
+    return _splat(rng.uniform((0, 0), (HEIGHT, WIDTH), size=(n, 2)), rng.uniform(0.5, 1.0, size=n), cap=1.0)
 
 
 def _dead_cells(rng: np.random.Generator, morph: _Morph) -> np.ndarray:
@@ -432,26 +481,60 @@ def _smooth_noise(rng: np.random.Generator, sigma: float) -> np.ndarray:
     return noise / noise.std()
 
 
-def _compose(rng: np.random.Generator, thickness: np.ndarray, neurites: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """Phase-contrast look: dark bodies and neurites with a bright halo, dead cells as blobs with a bright rim."""
-    body = ndi.gaussian_filter(thickness, 0.8, truncate=3.0)
-    halo = np.maximum(ndi.gaussian_filter(thickness, 2.5, truncate=3.0) - body, 0)  # only outside the border
-    lines = ndi.gaussian_filter(neurites, 0.6, truncate=3.0)
-    flank = np.maximum(ndi.gaussian_filter(neurites, 1.8, truncate=3.0) - lines, 0)
-    blobs = ndi.gaussian_filter(dead, 1.8, truncate=3.0)
-    rim = np.maximum(ndi.gaussian_filter(np.abs(dead), 3.2, truncate=3.0) - np.abs(blobs), 0)
-    image = 128.0 + _illumination(rng) + 3.0 * _smooth_noise(rng, 1.5)
-    image += -12.0 * body + 90.0 * halo - 60.0 * lines + 80.0 * flank + 1400.0 * blobs + 1200.0 * rim
-    image += rng.normal(0, 3.5, size=image.shape)
+def _sharpened(profile: tuple[float, ...]) -> np.ndarray:
+    """One cell's profile: the real median profile, sharpened (unsharp masking of its 3-tap average) so that
+    its average over the cells' edge jitter (:data:`_EDGE_JITTER`) stays close to the median."""
+    p = np.asarray(profile, dtype=np.float32)
+    padded = np.r_[p[0], p, p[-1]]
+    return p + _SHARPEN * (p - (0.25 * padded[:-2] + 0.5 * p + 0.25 * padded[2:]))
+
+
+def _border_distance(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distance of each pixel to the nearest cell border (0 on a cell's outermost pixels, negative
+    inside, positive outside; touching cells each have their own border) and the label of the cell it belongs
+    to, or of the nearest cell for background pixels."""
+    cells = labels > 0
+    if not cells.any():
+        return np.full(labels.shape, np.inf, dtype=np.float32), labels
+    border = find_boundaries(labels, mode="inner") & cells
+    # A background pixel's nearest cell pixel is on that cell's border, so one transform serves both sides.
+    distance, (rows, cols) = ndi.distance_transform_edt(~border, return_indices=True)
+    return np.where(cells, -distance, distance).astype(np.float32), labels[rows, cols]
+
+
+def _compose(
+    rng: np.random.Generator, look: _Look, labels: np.ndarray, neurites: np.ndarray, debris: np.ndarray,
+    dead: np.ndarray,
+) -> np.ndarray:
+    """Phase-contrast look: each cell drawn with the type's border profile (a dark band inside, the bright rim
+    on its outermost pixels, back to the background 2–3 px out) times a per-cell contrast, granular bodies,
+    dark neurites and specks with bright flanks, dead cells as bright blobs."""
+    distance, owner = _border_distance(labels)
+    n = int(labels.max())
+    sigma = look.contrast_sigma
+    contrast = np.r_[1.0, rng.lognormal(-sigma**2 / 2, sigma, size=n)].astype(np.float32)  # mean 1
+    shift = np.r_[0.0, rng.uniform(-_EDGE_JITTER, _EDGE_JITTER, size=n)].astype(np.float32)
+    knots = _PROFILE_START + np.arange(len(look.profile), dtype=np.float32)
+    cells = np.interp(distance + shift[owner], knots, _sharpened(look.profile)) * contrast[owner]
+    grain = look.grain * contrast[owner] * (distance <= 0) * _smooth_noise(rng, 1.0)
+    lines = ndi.gaussian_filter(neurites, 0.5, truncate=3.0)
+    flank = np.maximum(ndi.gaussian_filter(neurites, 1.2, truncate=3.0) - lines, 0)
+    dots = 350.0 * dead - 0.6 * look.speck_contrast * debris  # the cores' grey levels: dead cells, dark specks
+    cores = ndi.gaussian_filter(dots, 1.2, truncate=3.0)
+    rims = np.maximum(ndi.gaussian_filter(np.abs(dots), 2.5, truncate=3.0) - np.abs(cores), 0)
+    image = 128.0 + _illumination(rng) + cells + grain
+    image += look.neurite_contrast * (flank - 0.75 * lines) + cores + 1.5 * rims
+    image += look.noise * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def _illumination(rng: np.random.Generator) -> np.ndarray:
     """Slow gradient plus low-frequency mottling (a 6×8 grid of random levels, smoothly interpolated)."""
     rows, cols = _bumps(HEIGHT, 6), _bumps(WIDTH, 8)
-    mottling = rows @ rng.normal(0, 2, size=(6, 8)).astype(np.float32) @ cols.T
-    gy, gx = rng.normal(0, 3, size=2)
-    return mottling + gy * np.linspace(-1, 1, HEIGHT)[:, None] + gx * np.linspace(-1, 1, WIDTH)[None, :]
+    mottling = rows @ rng.normal(0, 0.5, size=(6, 8)).astype(np.float32) @ cols.T
+    gy, gx = rng.normal(0, 0.75, size=2)
+    ramp = gy * np.linspace(-1, 1, HEIGHT, dtype=np.float32)[:, None] + gx * np.linspace(-1, 1, WIDTH, dtype=np.float32)
+    return mottling + ramp
 
 
 def _bumps(size: int, n: int) -> np.ndarray:
