@@ -130,15 +130,17 @@ def test_three_images_cover_the_three_types(tmp_path):
 
 def test_cells_follow_their_types_border_profile(generated):
     """As in the real images: a dark band 2–3 px inside each cell, the bright rim on its outermost annotated
-    pixels, the background 3 px out; each image's measured profile has the shape (correlation ≥ 0.85: cort, whose drawn rim is 2–4 grey levels short of the real one, about 0.9) and the
-    depth (within 30 %) of its type's fitted one."""
+    pixels, the background 3 px out; each image's measured profile has the shape (correlation ≥ 0.85; cort,
+    whose drawn rim is 2–4 grey levels short of the real one, about 0.9) and the depth (within 30 %) of its
+    type's fitted one."""
     root, table = generated
     for image_id, rows in table.groupby("id"):
         cell_type = rows["cell_type"].iloc[0]
         cells = [pixels(rle, SHAPE) for rle in rows["annotation"]]
         stats = appearance.measure(_image(root, image_id), cells).image
         fitted = np.array(synthetic._LOOK[cell_type].profile)
-        measured = np.array([stats[f"profile/{d:+d}"] for d in range(synthetic._PROFILE_START, len(fitted) + synthetic._PROFILE_START)])
+        distances = synthetic._PROFILE_START + np.arange(len(fitted))
+        measured = np.array([stats[f"profile/{d:+d}"] for d in distances])
         assert np.corrcoef(measured, fitted)[0, 1] >= 0.85, cell_type
         assert 0.7 <= np.ptp(measured) / np.ptp(fitted) <= 1.3, cell_type
         assert stats["profile/+0"] > stats["profile/+3"] + 3 > stats["profile/-3"] + 6, cell_type

@@ -516,7 +516,7 @@ def _compose(
     shift = np.r_[0.0, rng.uniform(-_EDGE_JITTER, _EDGE_JITTER, size=n)].astype(np.float32)
     knots = _PROFILE_START + np.arange(len(look.profile), dtype=np.float32)
     cells = np.interp(distance + shift[owner], knots, _sharpened(look.profile)) * contrast[owner]
-    grain = look.grain * contrast[owner] * (distance <= 0) * _smooth_noise(rng, 1.0)
+    grain = look.grain * contrast[owner] * (labels > 0) * _smooth_noise(rng, 1.0)
     lines = ndi.gaussian_filter(neurites, 0.5, truncate=3.0)
     flank = np.maximum(ndi.gaussian_filter(neurites, 1.2, truncate=3.0) - lines, 0)
     dots = 350.0 * dead - 0.6 * look.speck_contrast * debris  # the cores' grey levels: dead cells, dark specks
