@@ -38,7 +38,7 @@ ROWS = [
     ("intensity/q05", "grey 5 %"), ("intensity/q50", "grey median"), ("intensity/q95", "grey 95 %"),
     ("intensity/std", "grey std"),
     *((f"profile/{d:+d}", f"border profile {d:+d} px") for d in (-6, -3, -1, 0, 1, 2, 3, 5, 8)),
-    ("spectrum_slope", "power spectrum slope"), ("texture/cells", "high-pass std, cells"),
+    ("edge_contrast", "border contrast (grey std within 2 px)"), ("spectrum_slope", "power spectrum slope"), ("texture/cells", "high-pass std, cells"),
     ("texture/background", "high-pass std, background"), ("background_dark", "dark outliers, background"),
     ("background_bright", "bright outliers, background"), ("cells", "cells per image"), ("coverage", "cell share of image"),
     ("overlap", "share of cell pixels in 2+ masks"),

@@ -44,6 +44,20 @@ def test_border_profile_of_a_dark_disc_with_a_bright_halo() -> None:
     assert stats["intensity/q50"] == 130.0 and stats["cells"] == 1
 
 
+def test_edge_contrast_reads_only_the_pixels_near_a_border() -> None:
+    """A 20 × 20 square cell (grey 100) on grey 130: within 2 px of its border lie its 3 outer rings
+    (400 − 14² = 204 px) and the 24 × 24 square around it less the cell and the 4 corner pixels 2√2 px away
+    (576 − 400 − 4 = 172 px); a dark centre and a bright speck 6 px out change nothing."""
+    cell = np.zeros(SHAPE, dtype=bool)
+    cell[50:70, 70:90] = True
+    image = np.where(cell, 100.0, 130.0)
+    share = 204 / (204 + 172)
+    expected = 30.0 * np.sqrt(share * (1 - share))
+    assert measure(image, [flat(cell)]).image["edge_contrast"] == pytest.approx(expected, rel=1e-9)
+    image[60, 80], image[44, 80] = 0.0, 255.0
+    assert measure(image, [flat(cell)]).image["edge_contrast"] == pytest.approx(expected, rel=1e-9)
+
+
 def test_cells_coverage_and_overlap() -> None:
     a = np.zeros(SHAPE, dtype=bool)
     a[10:30, 10:50] = True  # 800 px

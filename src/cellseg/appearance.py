@@ -7,6 +7,9 @@ figure is computed from an image and its cells' masks alone:
 - ``profile``: mean grey value minus the background's median at each signed distance from the nearest cell
   border (negative inside the cells, 0 the cells' outermost pixels, positive outside: the halo, then the
   background), from :data:`PROFILE_RANGE`;
+- ``edge_contrast``: standard deviation of the grey values within :data:`EDGE_BAND` pixels of a cell border
+  (either side): how strongly the borders stand out pixel by pixel, where ``profile`` (a mean) averages dark
+  and bright pieces and slightly misplaced edges away;
 - ``spectrum_slope``: the slope of the radially averaged power spectrum in log-log, between
   :data:`SPECTRUM_BAND` cycles per pixel (white noise 0; smoother images more negative);
 - ``texture``: standard deviation of the high-pass image (the image minus its Gaussian blur, sigma 2) inside
@@ -31,6 +34,7 @@ from skimage.measure import regionprops_table
 PROFILE_RANGE = range(-8, 13)  # signed distances from the cell border, in pixels
 SPECTRUM_BAND = (0.02, 0.25)  # cycles per pixel
 BACKGROUND_DISTANCE = 8  # pixels from the nearest cell
+EDGE_BAND = 2  # pixels either side of a cell border
 OUTLIER_SIGMAS = 4.0
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
@@ -59,6 +63,8 @@ def measure(image: np.ndarray, cells: Sequence[np.ndarray]) -> Appearance:
     stats: dict[str, float] = {f"intensity/q{round(100 * q):02d}": v for q, v in zip(QUANTILES, np.quantile(grey, QUANTILES))}
     stats["intensity/std"] = float(grey.std())
     stats.update(_profile(grey - level, distance))
+    edge = np.abs(distance) <= EDGE_BAND
+    stats["edge_contrast"] = float(grey[edge].std()) if edge.any() else float("nan")
     stats["spectrum_slope"] = spectrum_slope(grey)
     stats["texture/cells"] = float(highpass[foreground].std()) if foreground.any() else float("nan")
     stats["texture/background"] = float(highpass[background].std()) if outside.size else float("nan")
