@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cellseg.sources import synthetic
 from cellseg.celltypes import CELL_TYPES
 from cellseg.sources.synthetic import synthesize
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPE = (520, 704)
 COLUMNS = [
     "id",
@@ -144,6 +146,41 @@ def test_cells_follow_their_types_border_profile(generated):
         assert np.corrcoef(measured, fitted)[0, 1] >= 0.85, cell_type
         assert 0.7 <= np.ptp(measured) / np.ptp(fitted) <= 1.3, cell_type
         assert stats["profile/+0"] > stats["profile/+3"] + 3 > stats["profile/-3"] + 6, cell_type
+
+
+def test_cells_texture_stands_out_from_the_background_as_in_the_real_images(generated):
+    """The cells' high-pass texture over the background's, per image, is within ×/÷ 1.5 of the real images'
+    median for the type (``bench/synthetic_realism.json``: astro 4.6, whose bodies are grainy on a flat
+    background; cort and shsy5y 2.4, whose backgrounds are busy). With astro's grain at 4, before it was fitted
+    (2026-12-06), astro was at 2.1."""
+    root, table = generated
+    real = json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]
+    seen = set()
+    for image_id, rows in table.groupby("id"):
+        cell_type = rows["cell_type"].iloc[0]
+        cells = [pixels(rle, SHAPE) for rle in rows["annotation"]]
+        stats = appearance.measure(_image(root, image_id), cells).image
+        ratio = stats["texture/cells"] / stats["texture/background"]
+        expected = real[cell_type]["texture/cells"] / real[cell_type]["texture/background"]
+        assert expected / 1.5 <= ratio <= expected * 1.5, (cell_type, ratio, expected)
+        seen.add(cell_type)
+    assert seen == set(CELL_TYPES)
+
+
+def test_cort_background_is_busy_as_in_the_real_images(generated):
+    """Real cort backgrounds are full of unannotated bundles of neurites and debris in bright rings: per cort
+    image, the background's high-pass texture is at least 0.6 of the real median (12.9), its bright outliers at
+    least half of it (2.7 %), its dark ones within ×/÷ 1.5 (3.8 %). Without the bundles and large specks
+    (before 2026-12-06) they were 6.5 and 0.3 %."""
+    root, table = generated
+    real = json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]["cort"]
+    cort = table[table["cell_type"] == "cort"]
+    for image_id, rows in cort.groupby("id"):
+        stats = appearance.measure(_image(root, image_id), [pixels(rle, SHAPE) for rle in rows["annotation"]]).image
+        assert stats["texture/background"] >= 0.6 * real["texture/background"], image_id
+        assert stats["background_bright"] >= 0.5 * real["background_bright"], image_id
+        assert real["background_dark"] / 1.5 <= stats["background_dark"] <= 1.5 * real["background_dark"], image_id
+    assert cort["id"].nunique() == 3
 
 
 def test_overlap_is_small_but_present(generated):

@@ -38,11 +38,14 @@ numbers, never a real pixel or mask): every pixel within 8 px of a cell takes th
 at its signed distance from that cell's border (the real median grey level at each distance: a dark band
 2–3 px inside, the bright rim on the cell's outermost annotated pixels, the background 2–3 px out), sharpened
 and moved in or out by up to 1 px per cell (so that the average over cells is the real median profile), times a
-per-cell contrast; bodies have a fine grain. The background is flat (grey 128, faint gradient and mottling,
-pixel noise). Drawn but never annotated, as in the real data: neurites (1 px dark lines with bright flanks,
-from cell bodies and a web crossing the image: dense for cort and shsy5y), specks of debris (dark dots with a
-bright rim: hundreds on a cort image) and clumps of small round dead cells (mostly bright, some with a dark
-core, in a bright ring).
+per-cell contrast; bodies have a fine grain (astro's fitted to the real astro bodies: high-pass std 9.5–9.7
+against the real 9–12 grey levels 6 px and more inside the border). The background is flat (grey 128, faint
+gradient and mottling, pixel noise). Drawn but never annotated, as in the real data: neurites (1 px dark lines
+with bright flanks, from cell bodies and a web crossing the image: dense for cort and shsy5y), specks of debris
+(dark dots with a bright rim: hundreds on a cort image) and clumps of small round dead cells (mostly bright, some
+with a dark core, in a bright ring); on cort images also bundles of neurites (2 px wide, bright flanks) and
+large specks (5 px dark discs in a bright ring), as in the real cort backgrounds, whose busy texture a model
+trained without them takes for cells.
 """
 
 from __future__ import annotations
@@ -136,6 +139,11 @@ _MORPH = {
 }
 
 
+# cort's coarse debris (:func:`_coarse_debris`): a bundle is a path 2 px wide, dark (0.6 of the neurites' contrast)
+# with bright flanks 3× its depth; a large speck a disc of radius 2 px, dark (0.1 of the specks' contrast) in a
+# bright ring 5× its depth: set by eye and by cort's background statistics (texture, outliers; docs/benchmarks.md).
+_BUNDLE_WIDTH, _BUNDLE_GAIN, _BUNDLE_FLANK = 2, 0.6, 3.0
+_BLOB_RADIUS, _BLOB_GAIN, _BLOB_RIM = 2, 0.1, 5.0
 _PROFILE_START = -8  # signed distance of the first knot of a profile
 _EDGE_JITTER = 1.0  # each cell's drawn edge moves up to this many pixels in or out of its annotation
 _SHARPEN = 3.0  # a cell's edge is sharper than the median profile over cells (see :func:`_sharpened`)
@@ -150,12 +158,14 @@ class _Look:
 
     profile: tuple[float, ...]  # grey minus the background at signed distances −8, −7, …, +4 px from the border
     contrast_sigma: float  # log-sigma of each cell's factor on its profile and grain
-    grain: float  # grey standard deviation of the bodies' fine texture
+    grain: float  # grey standard deviation of the bodies' fine texture (astro: fitted to the real bodies' texture)
     noise: float  # grey standard deviation of the pixel noise
     web: float  # mean number of long processes crossing the image
     neurite_contrast: float  # grey levels of the neurites' bright flanks (their dark line: 3/4 of it)
     debris: float  # mean number of specks per image
     speck_contrast: float  # a speck's dark core is 0.6 of this many grey levels (its rim about as bright)
+    bundles: float = 0.0  # mean number of bundles of neurites (2 px wide) crossing the image
+    large_specks: float = 0.0  # mean number of large specks of debris (dark discs in a bright ring) per image
 
 
 # profile: the real medians per type (``bench/synthetic_realism.json``: 24 shsy5y, 88 astro, 249 cort images), rounded.
@@ -166,11 +176,12 @@ _LOOK = {
     ),
     "astro": _Look(
         profile=(-0.4, -0.8, -1.2, -2.0, -3.1, -4.8, -4.2, 1.2, 4.5, 2.1, 0.4, 0.1, 0.0),
-        contrast_sigma=0.7, grain=4.0, noise=2.5, web=10, neurite_contrast=70.0, debris=40, speck_contrast=500.0,
+        contrast_sigma=0.7, grain=9.0, noise=2.5, web=10, neurite_contrast=70.0, debris=40, speck_contrast=500.0,
     ),
     "cort": _Look(
         profile=(-6.1, -8.0, -9.1, -11.0, -12.4, -15.2, -15.0, -2.9, 11.5, 7.6, 1.5, 0.3, 0.0),
         contrast_sigma=0.7, grain=8.0, noise=4.0, web=120, neurite_contrast=70.0, debris=900, speck_contrast=900.0,
+        bundles=30, large_specks=250,
     ),
 }
 
@@ -280,7 +291,8 @@ def _render(rng: np.random.Generator, cell_type: str) -> tuple[np.ndarray, list[
     neurites = _neurites(rng, morph, look, centres)
     debris = _debris(rng, look)
     dead = _dead_cells(rng, morph)
-    return _compose(rng, look, labels, neurites, debris, dead), annotations
+    bundles, blobs = _coarse_debris(rng, look)
+    return _compose(rng, look, labels, neurites, debris, dead, bundles, blobs), annotations
 
 
 def _place_cells(rng: np.random.Generator, morph: _Morph) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -435,6 +447,12 @@ def _neurites(rng: np.random.Generator, morph: _Morph, look: _Look, centres: np.
     n_web = rng.poisson(look.web)
     starts = np.concatenate([starts, rng.uniform((0, 0), (HEIGHT, WIDTH), size=(n_web, 2))])
     lengths = np.concatenate([lengths, rng.integers(60, 400, size=n_web)])
+    return _paths(rng, starts, lengths)
+
+
+def _paths(rng: np.random.Generator, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Strength map of curved random walks from ``starts`` (row, col), ``lengths`` pixels long, each of a random
+    strength (0.25–0.7 per pixel of path)."""
     heading = rng.uniform(0, 2 * np.pi, size=len(starts))
     strength = rng.uniform(0.25, 0.7, size=len(starts))
     step = 0.7
@@ -447,6 +465,20 @@ def _neurites(rng: np.random.Generator, morph: _Morph, look: _Look, centres: np.
     if not points:
         return np.zeros((HEIGHT, WIDTH), dtype=np.float32)
     return _splat(np.concatenate(points), np.concatenate(weights), cap=0.8)
+
+
+def _coarse_debris(rng: np.random.Generator, look: _Look) -> tuple[np.ndarray, np.ndarray]:
+    """Point maps of the type's bundles of neurites (paths 100–500 px long) and of its large specks of debris,
+    widened and drawn by :func:`_compose`; never annotated. A type without them draws nothing from ``rng``."""
+    empty = np.zeros((HEIGHT, WIDTH), dtype=np.float32)
+    bundles, blobs = empty, empty
+    if look.bundles:
+        n = rng.poisson(look.bundles)
+        bundles = _paths(rng, rng.uniform((0, 0), (HEIGHT, WIDTH), size=(n, 2)), rng.integers(100, 500, size=n))
+    if look.large_specks:
+        n = rng.poisson(look.large_specks)
+        blobs = _splat(rng.uniform((0, 0), (HEIGHT, WIDTH), size=(n, 2)), rng.uniform(0.5, 1.0, size=n), cap=1.0)
+    return bundles, blobs
 
 
 def _debris(rng: np.random.Generator, look: _Look) -> np.ndarray:
@@ -502,9 +534,21 @@ def _border_distance(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(cells, -distance, distance).astype(np.float32), labels[rows, cols]
 
 
+def _disc(radius: int) -> np.ndarray:
+    """A disc footprint of ``radius`` pixels."""
+    yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return yy**2 + xx**2 <= radius**2
+
+
+def _relief(strength: np.ndarray, core: float, halo: float) -> tuple[np.ndarray, np.ndarray]:
+    """A structure's blurred core (sigma ``core``) and the bright halo around it (the blur at ``halo`` beyond it)."""
+    centre = ndi.gaussian_filter(strength, core, truncate=3.0)
+    return centre, np.maximum(ndi.gaussian_filter(np.abs(strength), halo, truncate=3.0) - np.abs(centre), 0)
+
+
 def _compose(
     rng: np.random.Generator, look: _Look, labels: np.ndarray, neurites: np.ndarray, debris: np.ndarray,
-    dead: np.ndarray,
+    dead: np.ndarray, bundles: np.ndarray, blobs: np.ndarray,
 ) -> np.ndarray:
     """Phase-contrast look: each cell drawn with the type's border profile (a dark band inside, the bright rim
     on its outermost pixels, back to the background 2–3 px out) times a per-cell contrast, granular bodies,
@@ -517,13 +561,16 @@ def _compose(
     knots = _PROFILE_START + np.arange(len(look.profile), dtype=np.float32)
     cells = np.interp(distance + shift[owner], knots, _sharpened(look.profile)) * contrast[owner]
     grain = look.grain * contrast[owner] * (labels > 0) * _smooth_noise(rng, 1.0)
-    lines = ndi.gaussian_filter(neurites, 0.5, truncate=3.0)
-    flank = np.maximum(ndi.gaussian_filter(neurites, 1.2, truncate=3.0) - lines, 0)
+    lines, flank = _relief(neurites, 0.5, 1.2)
     dots = 350.0 * dead - 0.6 * look.speck_contrast * debris  # the cores' grey levels: dead cells, dark specks
-    cores = ndi.gaussian_filter(dots, 1.2, truncate=3.0)
-    rims = np.maximum(ndi.gaussian_filter(np.abs(dots), 2.5, truncate=3.0) - np.abs(cores), 0)
+    cores, rims = _relief(dots, 1.2, 2.5)
     image = 128.0 + _illumination(rng) + cells + grain
     image += look.neurite_contrast * (flank - 0.75 * lines) + cores + 1.5 * rims
+    if look.bundles or look.large_specks:
+        thick, thick_flank = _relief(ndi.grey_dilation(bundles, size=_BUNDLE_WIDTH), 0.7, 1.5)
+        blob, blob_rim = _relief(ndi.grey_dilation(blobs, footprint=_disc(_BLOB_RADIUS)), 0.7, 1.8)
+        image += look.neurite_contrast * _BUNDLE_GAIN * (_BUNDLE_FLANK * thick_flank - thick)
+        image += look.speck_contrast * _BLOB_GAIN * (_BLOB_RIM * blob_rim - blob)
     image += look.noise * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
