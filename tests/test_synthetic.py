@@ -171,7 +171,7 @@ def test_cort_background_is_busy_as_in_the_real_images(generated):
     """Real cort backgrounds are full of unannotated bundles of neurites and debris in bright rings: per cort
     image, the background's high-pass texture is at least 0.6 of the real median (12.9), its bright outliers at
     least half of it (2.7 %), its dark ones within ×/÷ 1.5 (3.8 %). Without the bundles and large specks
-    (before 2026-12-06) they were 6.5 and 0.3 %."""
+    (before 2026-12-06) they were 6.5 and 0.2 %."""
     root, table = generated
     real = json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]["cort"]
     cort = table[table["cell_type"] == "cort"]
