@@ -42,6 +42,23 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFr
     return out, synthesize(out, 6, seed=0)
 
 
+@pytest.fixture(scope="module")
+def measured(generated) -> dict[str, tuple[str, dict[str, float]]]:
+    """Each generated image's cell type and :func:`cellseg.appearance.measure` statistics, measured once."""
+    root, table = generated
+    return {
+        image_id: (rows["cell_type"].iloc[0],
+                   appearance.measure(_image(root, image_id), [pixels(rle, SHAPE) for rle in rows["annotation"]]).image)
+        for image_id, rows in table.groupby("id")
+    }
+
+
+@pytest.fixture(scope="module")
+def real_medians() -> dict[str, dict[str, float]]:
+    """The real images' per-type medians recorded by ``bench/synthetic_realism.py``."""
+    return json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]
+
+
 def _read_csv(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
 
@@ -130,57 +147,45 @@ def test_three_images_cover_the_three_types(tmp_path):
     assert sorted(table["cell_type"].unique()) == sorted(CELL_TYPES)
 
 
-def test_cells_follow_their_types_border_profile(generated):
+def test_cells_follow_their_types_border_profile(measured):
     """As in the real images: a dark band 2–3 px inside each cell, the bright rim on its outermost annotated
     pixels, the background 3 px out; each image's measured profile has the shape (correlation ≥ 0.85; cort,
     whose drawn rim is 2–4 grey levels short of the real one, about 0.9) and the depth (within 30 %) of its
     type's fitted one."""
-    root, table = generated
-    for image_id, rows in table.groupby("id"):
-        cell_type = rows["cell_type"].iloc[0]
-        cells = [pixels(rle, SHAPE) for rle in rows["annotation"]]
-        stats = appearance.measure(_image(root, image_id), cells).image
+    for cell_type, stats in measured.values():
         fitted = np.array(synthetic._LOOK[cell_type].profile)
         distances = synthetic._PROFILE_START + np.arange(len(fitted))
-        measured = np.array([stats[f"profile/{d:+d}"] for d in distances])
-        assert np.corrcoef(measured, fitted)[0, 1] >= 0.85, cell_type
-        assert 0.7 <= np.ptp(measured) / np.ptp(fitted) <= 1.3, cell_type
+        profile = np.array([stats[f"profile/{d:+d}"] for d in distances])
+        assert np.corrcoef(profile, fitted)[0, 1] >= 0.85, cell_type
+        assert 0.7 <= np.ptp(profile) / np.ptp(fitted) <= 1.3, cell_type
         assert stats["profile/+0"] > stats["profile/+3"] + 3 > stats["profile/-3"] + 6, cell_type
 
 
-def test_cells_texture_stands_out_from_the_background_as_in_the_real_images(generated):
+def test_cells_texture_stands_out_from_the_background_as_in_the_real_images(measured, real_medians):
     """The cells' high-pass texture over the background's, per image, is within ×/÷ 1.5 of the real images'
     median for the type (``bench/synthetic_realism.json``: astro 4.6, whose bodies are grainy on a flat
     background; cort and shsy5y 2.4, whose backgrounds are busy). With astro's grain at 4, before it was fitted
     (2026-12-06), astro was at 2.1."""
-    root, table = generated
-    real = json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]
-    seen = set()
-    for image_id, rows in table.groupby("id"):
-        cell_type = rows["cell_type"].iloc[0]
-        cells = [pixels(rle, SHAPE) for rle in rows["annotation"]]
-        stats = appearance.measure(_image(root, image_id), cells).image
+    for cell_type, stats in measured.values():
         ratio = stats["texture/cells"] / stats["texture/background"]
-        expected = real[cell_type]["texture/cells"] / real[cell_type]["texture/background"]
+        real = real_medians[cell_type]
+        expected = real["texture/cells"] / real["texture/background"]
         assert expected / 1.5 <= ratio <= expected * 1.5, (cell_type, ratio, expected)
-        seen.add(cell_type)
-    assert seen == set(CELL_TYPES)
+    assert {cell_type for cell_type, _ in measured.values()} == set(CELL_TYPES)
 
 
-def test_cort_background_is_busy_as_in_the_real_images(generated):
+def test_cort_background_is_busy_as_in_the_real_images(measured, real_medians):
     """Real cort backgrounds are full of unannotated bundles of neurites and debris in bright rings: per cort
     image, the background's high-pass texture is at least 0.6 of the real median (12.9), its bright outliers at
     least half of it (2.7 %), its dark ones within ×/÷ 1.5 (3.8 %). Without the bundles and large specks
     (before 2026-12-06) they were 6.5 and 0.2 %."""
-    root, table = generated
-    real = json.loads((REPO / "bench" / "synthetic_realism.json").read_text())["summary"]["real"]["cort"]
-    cort = table[table["cell_type"] == "cort"]
-    for image_id, rows in cort.groupby("id"):
-        stats = appearance.measure(_image(root, image_id), [pixels(rle, SHAPE) for rle in rows["annotation"]]).image
+    real = real_medians["cort"]
+    cort = {image_id: stats for image_id, (cell_type, stats) in measured.items() if cell_type == "cort"}
+    for image_id, stats in cort.items():
         assert stats["texture/background"] >= 0.6 * real["texture/background"], image_id
         assert stats["background_bright"] >= 0.5 * real["background_bright"], image_id
         assert real["background_dark"] / 1.5 <= stats["background_dark"] <= 1.5 * real["background_dark"], image_id
-    assert cort["id"].nunique() == 3
+    assert len(cort) == 3
 
 
 def test_overlap_is_small_but_present(generated):
