@@ -2,7 +2,8 @@
 
     python bench/real.py [--data ../shared/sartorius] [--work DIR] [--out bench/real_results.json]
                          [--plot docs/real_map_vs_cpu_minutes.png] [--quick] [--models unet maskrcnn]
-                         [--set unet.target=flows ...] [--tta] [--tune] [--no-synthetic | --transfer-only]
+                         [--set unet.target=flows ...] [--synth-set synth.seed=1 ...] [--tta] [--tune]
+                         [--no-synthetic | --transfer-only]
 
 It runs the project's own stage scripts (no DVC, tracking off) on a copy of ``params.yaml`` with the budget
 below, then scores the checkpoints with the library's evaluation (:func:`cellseg.evaluate.evaluate_predictor`,
@@ -21,7 +22,8 @@ as the ``evaluate`` stage does), in three parts:
 
 On the CPU the budget is :data:`CPU_BUDGET` (≤ 20 minutes of U-Net training on 2 cores); where CUDA is
 present, the GPU recipe of the README (:data:`GPU_RECIPE`). ``--set key=value`` changes params of the real
-run (e.g. ``unet.target=flows``) on top of the budget. ``--models`` chooses the models (default: the U-Net;
+run (e.g. ``unet.target=flows``) on top of the budget; ``--synth-set key=value`` changes the synthetic
+pipeline's (e.g. ``synth.seed=1``: other synthetic images; ``train.unet.epochs=6``: a longer schedule). ``--models`` chooses the models (default: the U-Net;
 both where CUDA is present); Mask R-CNN trains within the U-Net's budget: 4 × 256 images (the CPU default's
 ResNet-18 FPN takes ≈ 1.1 s an image on 2 cores, ``docs/benchmarks.md``; real images hold more cells than
 synthetic ones). It prints a Markdown table (per model and
@@ -103,13 +105,16 @@ QUICK = {
 
 
 def write_params(path: Path, settings: dict) -> Path:
-    """``params.yaml`` with dotted ``settings`` applied and tracking off, written to ``path``."""
+    """``params.yaml`` with dotted ``settings`` applied and tracking off, written to ``path``; a key that
+    ``params.yaml`` does not have stops the run (a typo would otherwise change nothing)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key, value in {"tracking.enabled": False, **settings}.items():
         *parents, leaf = key.split(".")
         node = params
         for name in parents:
-            node = node[name]
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise SystemExit(f"{key}: params.yaml has no such key")
         node[leaf] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -120,7 +125,7 @@ def parse_change(text: str) -> tuple[str, object]:
     """``key=value`` (a dotted params key, a YAML value) → ``(key, value)``."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--set {text!r}: expected KEY=VALUE, e.g. unet.target=flows")
+        raise SystemExit(f"{text!r}: expected KEY=VALUE (a dotted params key), e.g. unet.target=flows")
     return key, yaml.safe_load(value)
 
 
@@ -282,6 +287,8 @@ def main() -> None:
                         help="the models to train and score (default: unet; both where CUDA is present)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params change of the real run (dotted key, YAML value), e.g. unet.target=flows")
+    parser.add_argument("--synth-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params change of the synthetic-only pipeline, e.g. synth.seed=1")
     parser.add_argument("--tta", action="store_true", help="score each model with test-time augmentation too")
     parser.add_argument("--tune", action="store_true", help="run the tune stage; score each model with its file too")
     skip = parser.add_mutually_exclusive_group()
@@ -295,6 +302,7 @@ def main() -> None:
     budget = QUICK if args.quick else GPU_RECIPE if cuda else CPU_BUDGET
     models = tuple(args.models or (MODELS if cuda else ("unet",)))
     changes = dict(parse_change(text) for text in args.set)
+    synth_changes = dict(parse_change(text) for text in args.synth_set)
     work = args.work or Path(tempfile.mkdtemp(prefix="cellseg-real-"))
     logs = work / "logs"
     began = time.perf_counter()
@@ -304,6 +312,7 @@ def main() -> None:
     synth_settings = {"data.root": str(work / "synthetic/raw")}
     if args.quick:
         synth_settings.update({k: v for k, v in QUICK.items() if k != "data.limit_images"})
+    synth_settings.update(synth_changes)
     synth_params = write_params(work / "synthetic.yaml", synth_settings)
 
     print(f"real data {args.data} → {work / 'real'} (budget: {budget})", flush=True)
@@ -318,7 +327,7 @@ def main() -> None:
         )
         runs["real"] = work / "real/metrics"
     if not args.no_synthetic:
-        print("synthetic default (params.yaml) → synthetic-only models", flush=True)
+        print(f"synthetic default (params.yaml{f', with {synth_changes}' if synth_changes else ''}) → synthetic-only models", flush=True)
         synth_seconds = pipeline(work / "synthetic", synth_params, logs, models, synthesize=True)
         if args.tune:  # tuned on the synthetic validation images, as `make run` tunes them
             synth_seconds |= tune_models(synth_params, logs, work / "synthetic", models)
@@ -335,6 +344,7 @@ def main() -> None:
         "command": " ".join(["python bench/real.py", *sys.argv[1:]]),
         "models": list(models),
         "changes": changes,
+        "synthetic_changes": synth_changes,
         "machine": {"nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                     "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__},
         "data": str(args.data), "split_counts": split["counts"],

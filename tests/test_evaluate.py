@@ -131,6 +131,7 @@ def test_plots_and_report(dataset, tmp_path: Path) -> None:
     plots = write_plots(evaluations, store, ids, histories, tmp_path / "plots")
     assert all(p.stat().st_size > 1000 for p in plots.values())
     assert len([c for c in plots if c.startswith("Overlay")]) == 6
+    assert {"Overlay: U-Net (EfficientNet-B0), astro image", "Overlay: Mask R-CNN, shsy5y image"} <= set(plots)
     report = tmp_path / "reports" / "compare.md"
     changes = {"unet": {"target": "flows"}, "maskrcnn": {"backbone": "resnet34_fpn"}}  # each model says how it works
     params = {name: project_params(name, **change).model_dump() for name, change in changes.items()}

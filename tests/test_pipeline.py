@@ -209,7 +209,7 @@ def test_real_data_benchmark_transfer_only(sartorius_dir: Path, tmp_path: Path) 
     out = tmp_path / "real.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "real.py"), "--quick", "--transfer-only", "--data", str(sartorius_dir),
-         "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(tmp_path / "curve.png")],
+         "--synth-set", "synth.seed=1", "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(tmp_path / "curve.png")],
         cwd=REPO, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -219,6 +219,22 @@ def test_real_data_benchmark_transfer_only(sartorius_dir: Path, tmp_path: Path) 
     scored = record["results"]["synthetic only (default)"]["unet"]
     assert json.loads((tmp_path / "work" / "real" / "split.json").read_text())["val"]
     assert scored["n_true"] > 0 and {"map", "dice", "recall50"} <= set(scored)
+    assert record["synthetic_changes"] == {"synth.seed": 1}
+    assert yaml.safe_load((tmp_path / "work" / "synthetic.yaml").read_text())["synth"]["seed"] == 1
+
+
+@pytest.mark.parametrize("option", ["--set", "--synth-set"])
+def test_real_data_benchmark_refuses_a_params_key_that_does_not_exist(
+    sartorius_dir: Path, tmp_path: Path, option: str
+) -> None:
+    """A mistyped key (``synth.sed``) stops ``bench/real.py`` before any stage runs, naming the key."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "real.py"), option, "synth.sed=1", "--data", str(sartorius_dir),
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "real.json")],
+        cwd=REPO, capture_output=True, text=True, env=ENV,
+    )
+    assert done.returncode != 0 and "synth.sed: params.yaml has no such key" in done.stderr
+    assert not (tmp_path / "work" / "logs").exists() and not (tmp_path / "real.json").exists()
 
 
 def test_tune_stage_writes_the_tuned_file_that_predict_then_uses(make_kaggle, tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def write_plots(
             names = None
             if any(found.classes):  # a model that names cell types: type and confidence at each cell
                 names = [f"{CELL_TYPES[c - 1] if c else 'cell'} {s:.2f}" for c, s in zip(found.classes, found.scores)]
-            caption = f"Overlay: {MODELS[e.name].display} on a {cell_type} image"
+            caption = f"Overlay: {MODELS[e.name].display}, {cell_type} image"
             plots[caption] = plots_dir / f"overlay_{e.name}_{cell_type}.png"
             overlay(store.image(image_id), found.labels, plots[caption], f"{e.name} · {cell_type} · {image_id}", names)
     return plots
