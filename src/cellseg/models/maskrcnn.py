@@ -75,9 +75,10 @@ COCO_WEIGHTS = {
 T = TypeVar("T")
 
 
-def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 4) -> nn.Module:
+def build_maskrcnn(params: MaskRCNNParams, num_classes: int = 1 + len(CELL_TYPES)) -> nn.Module:
     """The Mask R-CNN of ``params``: its backbone, anchors, sizes and limits, and its weights (see the module
-    docstring); a download that fails raises :class:`ResourceError`."""
+    docstring), with ``num_classes`` outputs (the background and the cell types); a download that fails raises
+    :class:`ResourceError`."""
     if params.weights == "coco" and params.backbone not in COCO_WEIGHTS:
         raise ParamsError(
             f"{PARAM}: torchvision has no COCO Mask R-CNN with backbone {params.backbone!r} (only "
