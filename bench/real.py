@@ -23,10 +23,10 @@ as the ``evaluate`` stage does), in three parts:
 On the CPU the budget is :data:`CPU_BUDGET` (≤ 20 minutes of U-Net training on 2 cores); where CUDA is
 present, the GPU recipe of the README (:data:`GPU_RECIPE`). ``--set key=value`` changes params of the real
 run (e.g. ``unet.target=flows``) on top of the budget; ``--synth-set key=value`` changes the synthetic
-pipeline's (e.g. ``synth.seed=1``: other synthetic images; ``train.unet.epochs=6``: a longer schedule). ``--models`` chooses the models (default: the U-Net;
-both where CUDA is present); Mask R-CNN trains within the U-Net's budget: 4 × 256 images (the CPU default's
-ResNet-18 FPN takes ≈ 1.1 s an image on 2 cores, ``docs/benchmarks.md``; real images hold more cells than
-synthetic ones). It prints a Markdown table (per model and
+pipeline's (e.g. ``synth.seed=1``: other synthetic images; ``train.unet.epochs=6``: a longer schedule).
+``--models`` chooses the models (default: the U-Net; both where CUDA is present); Mask R-CNN trains within
+the U-Net's budget: 4 × 256 images (the CPU default's ResNet-18 FPN takes ≈ 1.1 s an image on 2 cores,
+``docs/benchmarks.md``; real images hold more cells than synthetic ones). It prints a Markdown table (per model and
 cell type: competition mAP, COCO mask AP, Dice, cells found against truth, image-level type accuracy,
 images/s), writes every figure as JSON (``--out``) and plots the U-Net's validation mAP against the minutes of
 training (``--plot``; one point per epoch, from its ``epochs.csv``).
@@ -327,7 +327,8 @@ def main() -> None:
         )
         runs["real"] = work / "real/metrics"
     if not args.no_synthetic:
-        print(f"synthetic default (params.yaml{f', with {synth_changes}' if synth_changes else ''}) → synthetic-only models", flush=True)
+        changed = f", with {synth_changes}" if synth_changes else ""
+        print(f"synthetic default (params.yaml{changed}) → synthetic-only models", flush=True)
         synth_seconds = pipeline(work / "synthetic", synth_params, logs, models, synthesize=True)
         if args.tune:  # tuned on the synthetic validation images, as `make run` tunes them
             synth_seconds |= tune_models(synth_params, logs, work / "synthetic", models)

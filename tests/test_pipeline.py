@@ -209,7 +209,8 @@ def test_real_data_benchmark_transfer_only(sartorius_dir: Path, tmp_path: Path) 
     out = tmp_path / "real.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "real.py"), "--quick", "--transfer-only", "--data", str(sartorius_dir),
-         "--synth-set", "synth.seed=1", "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(tmp_path / "curve.png")],
+         "--synth-set", "synth.seed=1", "--work", str(tmp_path / "work"), "--out", str(out),
+         "--plot", str(tmp_path / "curve.png")],
         cwd=REPO, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
